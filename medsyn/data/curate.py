@@ -1,0 +1,488 @@
+"""The curation stage: raw files + manifests -> one image-text dataset (DESIGN.md, data contract).
+
+Follows MediSyn's curation (Cho et al., Methods 4.1): heterogeneous sources are read as a viewer
+shows them, resized and centre-cropped, de-duplicated within and across sources, captioned from
+their labels and split 80/10/10 by patient. Every file under the raw directory ends up either in
+`metadata.jsonl` (as `source_file`) or in `rejected.csv` with a reason: counts in = counts out +
+counts rejected, and a bad file never aborts the run.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from medsyn.data.captions import caption_from_labels, load_vocabulary, vocabulary_terms
+from medsyn.data.dedup import DuplicateIndex
+from medsyn.data.manifest import ManifestError, load_manifest, validate_manifest
+from medsyn.data.preprocess import (percentile_rescale, resize_center_crop, tile_image,
+                                    tissue_fraction)
+from medsyn.data.readers import (UnreadableImageError, axial_slice_for_display, dicom_to_display,
+                                 load_dicom, read_nifti, read_raster, slice_indices, sniff_format)
+from medsyn.data.split import patient_split
+from medsyn.paths import VOCABULARIES_DIR
+
+REJECTED_COLUMNS = ["source_file", "source", "source_item", "reason", "detail"]
+
+
+@dataclass
+class Rejection:
+    """One row of `rejected.csv`. `detail` never carries a value read from inside a file."""
+
+    source_file: str
+    source: str
+    reason: str
+    detail: str
+    source_item: str = ""
+
+
+@dataclass
+class _Candidate:
+    """An image that passed reading and labelling, before de-duplication and splitting."""
+
+    source: str
+    source_file: str
+    source_item: str
+    image: np.ndarray
+    labels: list[str]
+    patient_key: str  # the original identifier: kept in memory only, replaced by a pseudonym
+
+
+@dataclass
+class CurationResult:
+    """What `curate` wrote, with the accounting that proves no file was lost."""
+
+    out_dir: Path
+    records: list[dict]
+    rejections: list[Rejection]
+    files_in: int
+    summary: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- claiming files
+
+def _list_files(root: Path) -> list[str]:
+    """Every regular file under root (hidden ones too), as sorted POSIX paths relative to root."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _glob(base: Path, patterns: list[str]) -> list[Path]:
+    found = set()
+    for pattern in patterns:
+        found.update(p for p in base.glob(pattern) if p.is_file())
+    return sorted(found)
+
+
+def _table_paths(manifest: dict) -> list[str]:
+    table = manifest.get("table")
+    if not table:
+        return []
+    return [table["path"]] if isinstance(table["path"], str) else list(table["path"])
+
+
+# ---------------------------------------------------------------- labels and patients
+
+def _norm(value) -> str:
+    """Compare table cells and manifest values as numbers where they are numbers ('1', 1, '1.0')."""
+    text = str(value).strip()
+    try:
+        return repr(float(text))
+    except ValueError:
+        return text
+
+
+class _SourceReader:
+    """Reads one manifest's files: finds the table row, labels and patient key, decodes pixels."""
+
+    def __init__(self, manifest: dict, raw_dir: Path):
+        self.m = manifest
+        self.name = manifest["name"]
+        self.root = (raw_dir / manifest["root"]).resolve()
+        self.raw_dir = raw_dir
+        self.table = self._load_table()
+        self.vocabulary = None
+        if "vocabulary" in manifest["caption"]:
+            self.vocabulary = load_vocabulary(VOCABULARIES_DIR / f"{manifest['caption']['vocabulary']}.yaml")
+
+    def _load_table(self) -> pd.DataFrame | None:
+        paths = _table_paths(self.m)
+        if not paths:
+            return None
+        frames = []
+        for rel in paths:
+            path = self.root / rel
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.name}: label table not found: {path}")
+            try:
+                frames.append(pd.read_csv(path, dtype=str, keep_default_na=False))
+            except (pd.errors.ParserError, UnicodeDecodeError) as err:
+                raise ManifestError(f"{self.name}: label table {path} cannot be parsed: {err}") from err
+        table = pd.concat(frames, ignore_index=True)
+        key = self.m["table"]["key_column"]
+        if key not in table.columns:
+            raise ManifestError(f"{self.name}: table.key_column '{key}' is not a column of {paths}")
+        wanted = {self.m["labels"].get("column")} | set(self.m["labels"].get("columns", []))
+        wanted |= {self.m["patient_id"].get("column")} | set(self.m["table"].get("where", {}))
+        missing = sorted(c for c in wanted - {None} if c not in table.columns)
+        if missing and (self.m["labels"]["from"] == "table" or self.m["patient_id"]["from"] == "table"):
+            raise ManifestError(f"{self.name}: columns {missing} are not in the label table {paths}")
+        return table.drop_duplicates(subset=key, keep="first").set_index(key)
+
+    def _row(self, rel: str) -> pd.Series | None:
+        spec = self.m["table"]
+        path = Path(rel)
+        if spec["key"] == "stem":
+            key = path.name.split(".")[0] if path.name.endswith(".nii.gz") else path.stem
+        elif spec["key"] == "name":
+            key = path.name
+        elif spec["key"] == "relative_path":
+            key = rel
+        else:
+            match = re.search(spec["key_pattern"], rel)
+            key = match.group(1) if match else None
+        if key is None or key not in self.table.index:
+            return None
+        return self.table.loc[key]
+
+    def _labels_from_row(self, row: pd.Series) -> tuple[list[str] | None, str]:
+        spec = self.m["labels"]
+        names = spec.get("names", {})
+        if "column" in spec:
+            value = row[spec["column"]]
+            mapped = {_norm(k): v for k, v in names.items()}
+            if names and _norm(value) not in mapped:
+                return None, f"value in column '{spec['column']}' is not in labels.names"
+            return [mapped.get(_norm(value), str(value))], ""
+        positive = {_norm(v) for v in spec.get("positive_values", [1])}
+        uncertain = {_norm(v) for v in spec.get("uncertain_values", [])}
+        labels = []
+        for column in spec["columns"]:
+            cell = _norm(row[column])
+            if cell in uncertain:
+                policy = spec.get("uncertain", "negative")
+                if policy == "exclude":
+                    return None, f"uncertain value in column '{column}'"
+                if policy == "negative":
+                    continue
+            elif cell not in positive:
+                continue
+            labels.append(names.get(column, column))
+        if not labels and "empty" in spec:
+            labels = [spec["empty"]]
+        return (labels or None), ("" if labels else "no positive label column")
+
+    def describe(self, rel: str) -> tuple[list[str] | None, str | None, Rejection | None]:
+        """Labels (None for per-slice mask labels) and patient key of one file, or a rejection."""
+        source_file = self._source_file(rel)
+        reject = lambda reason, detail: (None, None, Rejection(source_file, self.name, reason, detail))  # noqa: E731
+        row = None
+        if self.table is not None:
+            row = self._row(rel)
+            if row is None and (self.m["labels"]["from"] == "table" or self.m["patient_id"]["from"] == "table"):
+                return reject("no_label", "no row for this file in the label table")
+            for column, value in self.m["table"].get("where", {}).items():
+                if row is not None and _norm(row[column]) != _norm(value):
+                    return reject("excluded_by_filter", f"table column '{column}' is not '{value}'")
+
+        spec = self.m["labels"]
+        if spec["from"] == "table":
+            labels, why = self._labels_from_row(row)
+            if labels is None:
+                return reject("no_label", why)
+        elif spec["from"] == "folder":
+            parts = Path(rel).parts
+            level = spec.get("folder_level", -1)
+            if len(parts) < 1 - level:
+                return reject("no_label", "file is not inside a class folder")
+            folder = parts[level - 1]
+            names = spec.get("names")
+            if names is not None and folder not in names:
+                return reject("unknown_label", f"folder '{folder}' is not in labels.names")
+            labels = [names[folder] if names else folder.replace("_", " ").replace("-", " ").lower()]
+        elif spec["from"] == "constant":
+            labels = [spec["value"]]
+        else:  # mask: decided per slice
+            labels = None
+
+        patients = self.m["patient_id"]
+        if patients["from"] == "table":
+            patient = str(row[patients["column"]]).strip() if row is not None else ""
+        elif patients["from"] == "path":
+            match = re.search(patients["pattern"], rel)
+            patient = match.group(1) if match else ""
+        elif patients["from"] == "dicom":
+            patient = "<dicom>"  # read with the pixels
+        else:
+            patient = f"file:{rel}"  # no patient ids: each file is its own group (tiles stay together)
+        if not patient:
+            return reject("no_patient_id", f"no patient id found ({patients['from']})")
+        return labels, patient, None
+
+    def _source_file(self, rel: str) -> str:
+        return (self.root / rel).relative_to(self.raw_dir).as_posix()
+
+    def decode(self, rel: str, labels: list[str] | None) -> tuple[list[tuple[str, np.ndarray, list[str]]], list[Rejection], str | None]:
+        """Decode a file into (source_item, uint8 image, labels) pieces, per-piece rejections and the
+        DICOM patient key (when patient ids come from DICOM)."""
+        path = self.root / rel
+        fmt = self.m["reader"]["format"]
+        if fmt == "auto":
+            fmt = sniff_format(path)
+            if fmt == "unknown":
+                fmt = "image"  # PIL identifies by content; a non-image is rejected there
+        positions = self.m["reader"].get("slices", {}).get("positions", [0.5])
+        prep = self.m["preprocessing"]
+        window = (prep["ct_window"]["width"], prep["ct_window"]["level"])
+        pieces, rejected, patient_key = [], [], None
+
+        if fmt == "dicom":
+            image = load_dicom(path)
+            patient_key = image.patient_key
+            frames = image.pixels.shape[0]
+            indices = [0] if frames == 1 else slice_indices(frames, positions)
+            for i in indices:
+                item = "" if frames == 1 else f"frame {i}"
+                pieces.append((item, dicom_to_display(image, i, window, tuple(prep["percentile_clip"])), labels))
+        elif fmt == "nifti":
+            volume = read_nifti(path)
+            mask = self._mask_volume(rel, volume.shape) if self.m["labels"]["from"] == "mask" else None
+            for i in slice_indices(volume.shape[2], positions):
+                display = percentile_rescale(axial_slice_for_display(volume, i), *prep["percentile_clip"], reference=volume)
+                slice_labels = labels
+                if mask is not None:
+                    spec = self.m["labels"]["mask"]
+                    slice_labels = [spec["positive"] if (mask[:, :, i] > 0).any() else spec["negative"]]
+                pieces.append((f"slice {i}", display, slice_labels))
+        else:
+            image = read_raster(path)
+            tiles = self.m["reader"].get("tiles")
+            if tiles is None:
+                pieces.append(("", image, labels))
+            else:
+                cut = tile_image(image, tiles["size"], tiles.get("max_overlap", 0.1))
+                if not cut:
+                    raise UnreadableImageError("too_small", f"image {image.shape[:2]} is smaller than one {tiles['size']}px tile")
+                for y, x, tile in cut:
+                    item = f"tile y={y} x={x}"
+                    fraction = tissue_fraction(tile)
+                    if fraction < tiles.get("min_tissue", 0.0):
+                        rejected.append(Rejection(self._source_file(rel), self.name, "background_tile",
+                                                  f"tissue fraction {fraction:.2f} < {tiles['min_tissue']}", item))
+                    else:
+                        pieces.append((item, tile, labels))
+        return pieces, rejected, patient_key
+
+    def _mask_volume(self, rel: str, shape) -> np.ndarray:
+        spec = self.m["labels"]["mask"]
+        mask_rel = re.sub(spec["pattern"], spec["replacement"], rel)
+        mask_path = self.root / mask_rel
+        if mask_rel == rel or not mask_path.is_file():
+            raise UnreadableImageError("no_label", f"label mask not found: {self._source_file(mask_rel)}")
+        mask = read_nifti(mask_path)
+        if mask.shape != shape:
+            raise UnreadableImageError("no_label", f"label mask shape {mask.shape} differs from image {shape}")
+        return mask
+
+    def to_channels(self, image: np.ndarray) -> np.ndarray:
+        channels = self.m["preprocessing"]["channels"]
+        if channels == "grey" and image.ndim == 3:
+            return np.asarray(Image.fromarray(image).convert("L"))
+        if channels == "rgb" and image.ndim == 2:
+            return np.repeat(image[..., None], 3, axis=2)
+        return image
+
+
+# ---------------------------------------------------------------- the stage
+
+def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int = 512, seed: int = 0,
+           near_duplicate_correlation: float | None = 0.99, progress: bool = True) -> CurationResult:
+    """Curate raw sources into an imagefolder dataset with `metadata.jsonl` and `rejected.csv`.
+
+    Args:
+        manifests: manifest paths or already-validated manifest dicts, in priority order (a file
+            claimed by two manifests belongs to the first).
+        raw_dir: the raw directory; every file under it is accounted for.
+        out_dir: where the dataset is written (created; an existing `metadata.jsonl` is replaced).
+        size: output side in pixels (shorter side resized, then centre crop); 512 for `paper`.
+        seed: seed of the patient-level split.
+        near_duplicate_correlation: thumbnail correlation at which a perceptual-hash candidate is a
+            near duplicate (`medsyn.data.dedup`); None turns near-duplicate removal off.
+        progress: show a progress bar.
+    """
+    raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw directory not found: {raw_dir}")
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
+    loaded = [validate_manifest(m, m.get("name", "<manifest>")) if isinstance(m, dict) else load_manifest(m)
+              for m in manifests]
+    names = [m["name"] for m in loaded]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"two manifests share a name: {names}")
+
+    all_files = _list_files(raw_dir)
+    readers = [_SourceReader(m, raw_dir) for m in loaded]
+    owner: dict[str, tuple[_SourceReader, str]] = {}  # source_file -> (reader, kind)
+    rejections: list[Rejection] = []
+    for reader in readers:
+        if not reader.root.is_dir():
+            raise FileNotFoundError(f"{reader.name}: source folder not found: {reader.root}")
+        support = _glob(reader.root, _table_paths(reader.m) + reader.m["reader"].get("support", []))
+        for path in support:
+            owner.setdefault(path.relative_to(raw_dir).as_posix(), (reader, "support"))
+        for path in _glob(reader.root, reader.m["reader"]["include"]):
+            owner.setdefault(path.relative_to(raw_dir).as_posix(), (reader, "image"))
+
+    image_files = []
+    for source_file in all_files:
+        if source_file not in owner:
+            rejections.append(Rejection(source_file, "", "unclaimed", "no manifest includes this file"))
+            continue
+        reader, kind = owner[source_file]
+        if kind == "support":
+            rejections.append(Rejection(source_file, reader.name, "support_file",
+                                        "belongs to the source but is not an image (label table, mask, documentation)"))
+        else:
+            image_files.append((reader, source_file))
+
+    duplicates = DuplicateIndex(min_correlation=near_duplicate_correlation)
+    candidates: list[_Candidate] = []
+    for reader, source_file in tqdm(image_files, desc="curate", unit="file", disable=not progress):
+        rel = (raw_dir / source_file).relative_to(reader.root).as_posix()
+        labels, patient, rejection = reader.describe(rel)
+        if rejection:
+            rejections.append(rejection)
+            continue
+        try:
+            pieces, piece_rejections, dicom_patient = reader.decode(rel, labels)
+        except UnreadableImageError as err:
+            rejections.append(Rejection(source_file, reader.name, err.reason, err.detail))
+            continue
+        rejections.extend(piece_rejections)
+        if patient == "<dicom>":
+            if not dicom_patient:
+                rejections.append(Rejection(source_file, reader.name, "no_patient_id", "DICOM file has no PatientID"))
+                continue
+            patient = f"dicom:{dicom_patient}"
+        for item, image, item_labels in pieces:
+            if reader.vocabulary is not None:
+                unknown = [label for label in item_labels if label not in vocabulary_terms(reader.vocabulary)]
+                if unknown:
+                    rejections.append(Rejection(source_file, reader.name, "unknown_label",
+                                                f"labels {unknown} are not in vocabulary '{reader.vocabulary['name']}'", item))
+                    continue
+            image = reader.to_channels(resize_center_crop(image, size))
+            duplicate = duplicates.check(f"{source_file}|{item}", image)
+            if duplicate:
+                reason, first = duplicate
+                first_file, first_item = first.split("|", 1)
+                detail = f"duplicate of {first_file}" + (f" ({first_item})" if first_item else "")
+                rejections.append(Rejection(source_file, reader.name, reason, detail, item))
+                continue
+            candidates.append(_Candidate(reader.name, source_file, item, image, item_labels, patient))
+
+    records = _write_dataset(candidates, loaded, out_dir, seed)
+    _write_rejections(rejections, out_dir)
+    result = CurationResult(out_dir=out_dir, records=records, rejections=rejections, files_in=len(all_files))
+    result.summary = _summary(result, all_files, size, seed, names)
+    with open(out_dir / "curation_summary.json", "w") as f:
+        json.dump(result.summary, f, indent=2)
+    return result
+
+
+def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir: Path, seed: int) -> list[dict]:
+    """Pseudonymise patients, split per source, write PNGs and `metadata.jsonl`."""
+    by_name = {m["name"]: m for m in manifests}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(exist_ok=True)
+
+    pseudonyms: dict[tuple[str, str], str] = {}
+    group_sizes: dict[str, Counter] = defaultdict(Counter)
+    for c in candidates:  # candidates come in sorted file order, so numbering is deterministic
+        key = (c.source, c.patient_key)
+        if key not in pseudonyms:
+            pseudonyms[key] = f"{c.source}-{sum(1 for s, _ in pseudonyms if s == c.source) + 1:05d}"
+        group_sizes[c.source][pseudonyms[key]] += 1
+    split_of = {}
+    for source, sizes in group_sizes.items():
+        assignment = patient_split(dict(sizes), by_name[source]["split"]["fractions"], seed=seed, salt=source)
+        split_of.update({(source, p): s for p, s in assignment.items()})
+
+    records = []
+    for c in candidates:
+        m = by_name[c.source]
+        patient_id = pseudonyms[(c.source, c.patient_key)]
+        buffer = io.BytesIO()
+        Image.fromarray(c.image).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        # hex-only names: the `datasets` imagefolder loader would read 'train'/'test' in a path as a split
+        file_name = f"images/{sha[:2]}/{sha[:24]}.png"
+        path = out_dir / file_name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        records.append({
+            "file_name": file_name,
+            "text": caption_from_labels(c.labels, m["caption"], m["image_type"]),
+            "split": split_of[(c.source, patient_id)],
+            "specialty": m["specialty"],
+            "image_type": m["image_type"],
+            "labels": c.labels,
+            "patient_id": patient_id,
+            "source": c.source,
+            "source_file": c.source_file,
+            "source_item": c.source_item,
+            "sha256": sha,
+        })
+    with open(out_dir / "metadata.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return records
+
+
+def _write_rejections(rejections: list[Rejection], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "rejected.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(REJECTED_COLUMNS)
+        for r in sorted(rejections, key=lambda r: (r.source_file, r.source_item)):
+            writer.writerow([r.source_file, r.source, r.source_item, r.reason, r.detail])
+
+
+def _summary(result: CurationResult, all_files: list[str], size: int, seed: int, names: list[str]) -> dict:
+    kept_files = {r["source_file"] for r in result.records}
+    rejected_files = {r.source_file for r in result.rejections}
+    accounted = kept_files | rejected_files
+    lost = sorted(set(all_files) - accounted)
+    if lost:  # a bug, not bad input: fail loudly rather than write an incomplete account
+        raise RuntimeError(f"curation lost track of {len(lost)} files, e.g. {lost[:3]}")
+    return {
+        "sources": names,
+        "size": size,
+        "seed": seed,
+        "files_in": len(all_files),
+        "files_with_images": len(kept_files),
+        "files_only_rejected": len(rejected_files - kept_files),
+        "images_out": len(result.records),
+        "rejections": len(result.rejections),
+        "rejections_by_reason": dict(sorted(Counter(r.reason for r in result.rejections).items())),
+        "images_by_split": dict(sorted(Counter(r["split"] for r in result.records).items())),
+    }
+
+
+def read_metadata(dataset_dir: str | Path) -> list[dict]:
+    """Records of a curated or generated dataset (`metadata.jsonl`)."""
+    path = Path(dataset_dir) / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metadata.jsonl in {dataset_dir}")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

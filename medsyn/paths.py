@@ -1,0 +1,24 @@
+"""Every default path and every environment variable medsyn reads, in one place (STYLE rule 4).
+
+Functions take their paths as arguments; only defaults come from here.
+"""
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+PROFILES_DIR = NOTEBOOKS_DIR / "profiles"
+MANIFESTS_DIR = REPO_ROOT / "data_manifests"
+VOCABULARIES_DIR = MANIFESTS_DIR / "vocabularies"
+FIGURES_DIR = REPO_ROOT / "figures"
+
+
+def runs_dir() -> Path:
+    """Where `medsyn reproduce` puts run directories unless `--out` is given (`MEDSYN_RUNS`)."""
+    return Path(os.environ.get("MEDSYN_RUNS", REPO_ROOT / "runs"))
+
+
+def notebook_kernel() -> str:
+    """Jupyter kernel the chain runner executes notebooks with (`MEDSYN_KERNEL`, default `python3`)."""
+    return os.environ.get("MEDSYN_KERNEL", "python3")
