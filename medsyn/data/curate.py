@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,7 +312,8 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
         manifests: manifest paths or already-validated manifest dicts, in priority order (a file
             claimed by two manifests belongs to the first).
         raw_dir: the raw directory; every file under it is accounted for.
-        out_dir: where the dataset is written (created; an existing `metadata.jsonl` is replaced).
+        out_dir: where the dataset is written; an earlier curation there is replaced, a folder holding
+            anything else is refused.
         size: output side in pixels (shorter side resized, then centre crop); 512 for `paper`.
         seed: seed of the patient-level split.
         near_duplicate_correlation: thumbnail correlation at which a perceptual-hash candidate is a
@@ -329,6 +331,7 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
     if len(set(names)) != len(names):
         raise ManifestError(f"two manifests share a name: {names}")
 
+    _clear_previous_output(out_dir)
     all_files = _list_files(raw_dir)
     readers = [_SourceReader(m, raw_dir) for m in loaded]
     owner: dict[str, tuple[_SourceReader, str]] = {}  # source_file -> (reader, kind)
@@ -397,6 +400,24 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
     with open(out_dir / "curation_summary.json", "w") as f:
         json.dump(result.summary, f, indent=2)
     return result
+
+
+OUTPUTS = ("images", "metadata.jsonl", "rejected.csv", "curation_summary.json")
+
+
+def _clear_previous_output(out_dir: Path) -> None:
+    """Remove an earlier curation's outputs so no stale image survives; refuse a folder holding anything else."""
+    if not out_dir.exists():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS)
+    if foreign:
+        raise FileExistsError(f"output directory {out_dir} holds files that are not a curated dataset: {foreign[:5]}")
+    for name in OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir: Path, seed: int) -> list[dict]:
@@ -486,3 +507,30 @@ def read_metadata(dataset_dir: str | Path) -> list[dict]:
         raise FileNotFoundError(f"no metadata.jsonl in {dataset_dir}")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def check_accounting(raw_dir: str | Path, dataset_dir: str | Path) -> dict:
+    """Compare the files under `raw_dir` with the `source_file`s of `metadata.jsonl` and `rejected.csv`.
+
+    Returns counts plus `missing` (raw files in neither) and `unknown` (listed files that are not under
+    raw_dir); both are empty for a complete account.
+    """
+    files = set(_list_files(Path(raw_dir)))
+    in_metadata = {r["source_file"] for r in read_metadata(dataset_dir)}
+    rejected = pd.read_csv(Path(dataset_dir) / "rejected.csv", dtype=str, keep_default_na=False)
+    in_rejected = set(rejected["source_file"])
+    return {
+        "files_in": len(files),
+        "files_in_metadata": len(in_metadata),
+        "files_only_in_rejected": len(in_rejected - in_metadata),
+        "missing": sorted(files - in_metadata - in_rejected),
+        "unknown": sorted((in_metadata | in_rejected) - files),
+    }
+
+
+def patients_in_several_splits(records: list[dict]) -> list[str]:
+    """Pseudonymous patient ids that occur in more than one split (empty for a patient-level split)."""
+    splits: dict[str, set] = defaultdict(set)
+    for record in records:
+        splits[record["patient_id"]].add(record["split"])
+    return sorted(p for p, s in splits.items() if len(s) > 1)

@@ -116,3 +116,21 @@ def load_manifest(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         raise ManifestError(f"{path.name}: not valid YAML: {err}") from err
     return validate_manifest(manifest, origin=path.name)
+
+
+def resolve_manifest(name_or_path: str | Path) -> Path:
+    """A manifest path as given, or the file `data_manifests/<name>.yaml` for a bare name."""
+    from medsyn.paths import MANIFESTS_DIR
+
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return MANIFESTS_DIR / f"{name_or_path}.yaml"
+
+
+def manifest_table(manifests: list[dict]):
+    """One row per manifest: what it is, where it comes from, how it may be used (a pandas DataFrame)."""
+    import pandas as pd
+
+    columns = ["name", "title", "specialty", "image_type", "access", "licence", "home_page"]
+    return pd.DataFrame([{c: m.get(c, "") for c in columns} for m in manifests]).set_index("name")

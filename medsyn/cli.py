@@ -1,0 +1,101 @@
+"""The `medsyn` command (also `python -m medsyn`): each stage as a command, and the chain runner."""
+
+import argparse
+import json
+import sys
+
+from medsyn.data.manifest import ManifestError
+
+
+def _add_curate(sub):
+    p = sub.add_parser("curate", help="curate raw sources into an image-text dataset")
+    p.add_argument("--manifest", action="append", required=True, metavar="PATH",
+                   help="manifest YAML (repeat for several sources; a name in data_manifests/ also works)")
+    p.add_argument("--raw", required=True, metavar="DIR", help="raw directory; every file under it is accounted for")
+    p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
+    p.add_argument("--size", type=int, default=512, help="output side in pixels (default 512, MediSyn's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--near-duplicate-correlation", type=float, default=0.99,
+                   help="thumbnail correlation confirming a perceptual-hash near duplicate (default 0.99)")
+    p.add_argument("--keep-near-duplicates", action="store_true", help="remove exact duplicates only")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_corpus(sub):
+    from medsyn.data.corpus import SOURCES
+
+    p = sub.add_parser("corpus", help="write the embedded procedural raw corpus")
+    p.add_argument("--out", required=True, metavar="DIR", help="raw directory to create (must be empty)")
+    p.add_argument("--patients", type=int, default=40, help="patients per source (default 40)")
+    p.add_argument("--size", type=int, default=128, help="base side of written images in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sources", default=",".join(SOURCES), help="comma-separated sources (default: all)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_reproduce(sub):
+    p = sub.add_parser("reproduce", help="run the notebook chain for a profile (smoke, default, paper)")
+    p.add_argument("--profile", required=True, help="profile name in notebooks/profiles/ or a YAML path")
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<profile>)")
+    p.add_argument("--kernel", help="Jupyter kernel (default python3)")
+
+
+def _add_validate(sub):
+    p = sub.add_parser("validate", help="validate manifests against the schema")
+    p.add_argument("manifests", nargs="+", metavar="PATH")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medsyn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_curate, _add_corpus, _add_reproduce, _add_validate):
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ManifestError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"medsyn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command == "curate":
+        from medsyn.data.curate import curate
+        from medsyn.data.manifest import resolve_manifest
+
+        result = curate([resolve_manifest(m) for m in args.manifest], args.raw, args.out, size=args.size,
+                        seed=args.seed, progress=not args.no_progress,
+                        near_duplicate_correlation=None if args.keep_near_duplicates else args.near_duplicate_correlation)
+        print(json.dumps(result.summary, indent=2))
+    elif args.command == "corpus":
+        from medsyn.data.corpus import write_corpus
+
+        truth = write_corpus(args.out, patients=args.patients, seed=args.seed, size=args.size,
+                             sources=tuple(s for s in args.sources.split(",") if s), progress=not args.no_progress)
+        print(f"wrote {len(truth['sources'])} sources to {args.out} ({len(truth['defects'])} deliberate defects)")
+    elif args.command == "reproduce":
+        from medsyn.chain import ChainError, reproduce
+
+        try:
+            run_dir = reproduce(args.profile, args.out, kernel=args.kernel)
+        except ChainError as err:
+            print(f"medsyn reproduce: {err}", file=sys.stderr)
+            return 1
+        print(f"run complete: {run_dir}")
+    elif args.command == "validate":
+        from medsyn.data.manifest import load_manifest, resolve_manifest
+
+        failed = 0
+        for name in args.manifests:
+            try:
+                load_manifest(resolve_manifest(name))
+                print(f"ok      {name}")
+            except ManifestError as err:
+                print(f"invalid {err}", file=sys.stderr)
+                failed += 1
+        return 2 if failed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
