@@ -15,8 +15,8 @@ def _add_curate(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
     p.add_argument("--size", type=int, default=512, help="output side in pixels (default 512, MediSyn's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-    p.add_argument("--near-duplicate-correlation", type=float, default=0.99,
-                   help="thumbnail correlation confirming a perceptual-hash near duplicate (default 0.99)")
+    p.add_argument("--near-duplicate-correlation", type=float, default=0.995,
+                   help="thumbnail correlation confirming a perceptual-hash near duplicate (default 0.995)")
     p.add_argument("--keep-near-duplicates", action="store_true", help="remove exact duplicates only")
     p.add_argument("--no-progress", action="store_true")
 

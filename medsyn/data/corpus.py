@@ -212,11 +212,12 @@ def chest_xray(rng, height: int, width: int, cardiomegaly: bool, effusion: bool,
         img[_ellipse(yy, xx, 0.0, 0, 1.0, 0.09)] = 185  # spine and mediastinum
         heart_rx = j(0.45 if cardiomegaly else 0.24)
         img[_ellipse(yy, xx, 0.38, 0.08, j(0.26), heart_rx)] = 180
-        if effusion:
-            side = rng.choice([-1, 1]) if rng.random() < 0.5 else 0
-            for s in ([side] if side else [-1, 1]):
-                meniscus = yy > 0.28 - 0.35 * (np.abs(xx) - 0.15) ** 1.0 * (np.sign(xx) == s)
-                img[meniscus & (np.sign(xx) == s) & _ellipse(yy, xx, -0.05, s * 0.42, 0.7, 0.4)] = 170
+        if effusion:  # dense basal opacity whose upper edge (meniscus) climbs towards the chest wall
+            sides = [-1, 1] if rng.random() < 0.5 else [int(rng.choice([-1, 1]))]
+            for s in sides:
+                lung = _ellipse(yy, xx, -0.05, s * 0.42, 0.7, 0.38, s * -0.08)
+                level = rng.uniform(0.05, 0.2) - 0.35 * np.clip(s * xx - 0.2, 0, None)
+                img[lung & (yy > level)] = 175
     img = ndimage.gaussian_filter(img, 1.5) * _shading(rng, height, width)
     img += 6 * _noise(rng, img.shape, 1) + 3 * rng.standard_normal(img.shape)
     return _to_uint8(img)
@@ -260,7 +261,8 @@ def brain_flair_volume(rng, size: int, depth: int, tumour_slice: int) -> tuple[n
     """FLAIR-like head volume (x, y, z) and its tumour mask: CSF dark, a hyperintense glioma with
     oedema centred on axial slice `tumour_slice`."""
     z = np.linspace(-1, 1, depth)
-    yy, xx = _grid(size, size, rng, jitter=0.8)
+    yy, xx = _grid(size, size, rng, jitter=1.2)
+    head_x, head_y = rng.uniform(0.8, 1.0), rng.uniform(0.65, 0.85)  # head shape varies between patients
     volume = np.zeros((size, size, depth))
     mask = np.zeros((size, size, depth), dtype=np.uint8)
     side = rng.choice([-1, 1])
@@ -274,8 +276,8 @@ def brain_flair_volume(rng, size: int, depth: int, tumour_slice: int) -> tuple[n
         if scale < 0.2:
             continue
         elongation = 1.0 + 0.25 * max(0.0, -z[k])
-        head = _ellipse(xx, yy, 0, 0, 0.9 * scale * elongation, 0.75 * scale)  # x is the first (left-right) axis
-        brain = _ellipse(xx, yy, 0, 0, 0.8 * scale * elongation, 0.65 * scale)
+        head = _ellipse(xx, yy, 0, 0, head_x * scale * elongation, head_y * scale)  # x is the first (left-right) axis
+        brain = _ellipse(xx, yy, 0, 0, (head_x - 0.1) * scale * elongation, (head_y - 0.1) * scale)
         sl = np.where(head, 260.0, 0.0)
         sl[brain] = 420 + 40 * texture[brain]
         ventricle_size = max(0.0, 1 - ((z[k] - 0.02) / 0.25) ** 2)

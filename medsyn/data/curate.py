@@ -305,7 +305,7 @@ class _SourceReader:
 # ---------------------------------------------------------------- the stage
 
 def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int = 512, seed: int = 0,
-           near_duplicate_correlation: float | None = 0.99, progress: bool = True) -> CurationResult:
+           near_duplicate_correlation: float | None = 0.995, progress: bool = True) -> CurationResult:
     """Curate raw sources into an imagefolder dataset with `metadata.jsonl` and `rejected.csv`.
 
     Args:

@@ -6,7 +6,7 @@ DCT perceptual hash (imagehash.phash) proposes candidates within `max_hash_bits`
 correlation of 16 x 16 grey thumbnails confirms them. The hash alone is not enough for medical
 images: two different patients' CT slices in the same window, or two slices of one MRI volume, often
 hash within a few bits of each other, while a re-encoded or re-exposed copy keeps a thumbnail
-correlation above 0.99.
+correlation above 0.995.
 """
 
 import hashlib
@@ -53,7 +53,7 @@ class DuplicateIndex:
         max_hash_bits: perceptual-hash Hamming distance within which images are candidates.
     """
 
-    def __init__(self, min_correlation: float | None = 0.99, max_hash_bits: int = 10):
+    def __init__(self, min_correlation: float | None = 0.995, max_hash_bits: int = 10):
         self.min_correlation = min_correlation
         self.max_hash_bits = max_hash_bits
         self._exact: dict[str, str] = {}
