@@ -427,15 +427,21 @@ def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir:
     (out_dir / "images").mkdir(exist_ok=True)
 
     pseudonyms: dict[tuple[str, str], str] = {}
+    patients_per_source: Counter = Counter()
     group_sizes: dict[str, Counter] = defaultdict(Counter)
+    classes: dict[str, Counter] = defaultdict(Counter)  # pseudonym -> class counts, for a stratified split
     for c in candidates:  # candidates come in sorted file order, so numbering is deterministic
         key = (c.source, c.patient_key)
         if key not in pseudonyms:
-            pseudonyms[key] = f"{c.source}-{sum(1 for s, _ in pseudonyms if s == c.source) + 1:05d}"
+            patients_per_source[c.source] += 1
+            pseudonyms[key] = f"{c.source}-{patients_per_source[c.source]:05d}"
         group_sizes[c.source][pseudonyms[key]] += 1
+        classes[pseudonyms[key]][" + ".join(sorted(c.labels))] += 1
     split_of = {}
     for source, sizes in group_sizes.items():
-        assignment = patient_split(dict(sizes), by_name[source]["split"]["fractions"], seed=seed, salt=source)
+        strata = {p: max(sorted(classes[p]), key=classes[p].get) for p in sizes}
+        assignment = patient_split(dict(sizes), by_name[source]["split"]["fractions"], seed=seed, salt=source,
+                                   strata=strata)
         split_of.update({(source, p): s for p, s in assignment.items()})
 
     records = []

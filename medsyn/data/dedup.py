@@ -6,7 +6,8 @@ DCT perceptual hash (imagehash.phash) proposes candidates within `max_hash_bits`
 correlation of 16 x 16 grey thumbnails confirms them. The hash alone is not enough for medical
 images: two different patients' CT slices in the same window, or two slices of one MRI volume, often
 hash within a few bits of each other, while a re-encoded or re-exposed copy keeps a thumbnail
-correlation above 0.995.
+correlation above 0.999 (0.9998 for the embedded corpus's planted copy, while slices of
+different patients stay below 0.995).
 """
 
 import hashlib

@@ -8,33 +8,37 @@ SPLITS = ("train", "validation", "test")
 
 
 def patient_split(group_sizes: dict[str, int], fractions=(0.8, 0.1, 0.1), seed: int = 0,
-                  salt: str = "") -> dict[str, str]:
+                  salt: str = "", strata: dict[str, str] | None = None) -> dict[str, str]:
     """Assign whole groups (patients) to train/validation/test so image counts follow `fractions`.
 
     Groups are put in a random order drawn from `seed` (and `salt`, e.g. the source name, so that two
     sources with the same seed are shuffled independently); then each group goes to the split whose
-    image count is furthest below its target. Deterministic for a seed; every group lands in exactly
-    one split.
+    image count is furthest below its target. With `strata` (group -> class), this is done within each
+    stratum, so every class is split in the same proportions and a class with only one or two
+    patients lands in train rather than only in test. Deterministic for a seed; every group lands in
+    exactly one split.
 
     Args:
         group_sizes: group key -> number of images.
         fractions: target fractions of images for train, validation, test; they must sum to 1.
         seed: random seed.
         salt: extra string mixed into the seed.
+        strata: optional group key -> stratum (e.g. the patient's most frequent class).
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
-    keys = sorted(group_sizes)
-    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{salt}".encode()).digest()[:8], "little")
-    order = np.random.default_rng(mixed).permutation(len(keys))
-    total = sum(group_sizes.values())
-    targets = np.asarray(fractions, dtype=float) * total
-    counts = np.zeros(3)
+    strata = strata or {}
     assignment = {}
-    for i in order:
-        key = keys[i]
-        # fill the split with the largest remaining deficit; ties go to the earlier split
-        choice = int(np.argmax(targets - counts))
-        assignment[key] = SPLITS[choice]
-        counts[choice] += group_sizes[key]
+    for stratum in sorted({strata.get(k, "") for k in group_sizes}):
+        keys = sorted(k for k in group_sizes if strata.get(k, "") == stratum)
+        mixed = int.from_bytes(hashlib.sha256(f"{seed}:{salt}:{stratum}".encode()).digest()[:8], "little")
+        order = np.random.default_rng(mixed).permutation(len(keys))
+        targets = np.asarray(fractions, dtype=float) * sum(group_sizes[k] for k in keys)
+        counts = np.zeros(3)
+        for i in order:
+            key = keys[i]
+            # fill the split with the largest remaining deficit; ties go to the earlier split (train)
+            choice = int(np.argmax(targets - counts))
+            assignment[key] = SPLITS[choice]
+            counts[choice] += group_sizes[key]
     return assignment

@@ -1,0 +1,1 @@
+"""Metrics: each tested against an independent computation."""

@@ -1,0 +1,73 @@
+"""The chain runner executes notebooks with papermill and names the notebook and cell that fail."""
+
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+import yaml
+
+from medsyn.chain import ChainError, load_profile, notebook_parameters, reproduce
+
+
+def test_smoke_profile_runs_the_chain_end_to_end(tmp_path):
+    run_dir = reproduce("smoke", tmp_path / "run", progress=False)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert [n["status"] for n in record["notebooks"]] == ["ok"] * len(record["profile"]["notebooks"])
+    assert record["environment"]["git_commit"]
+    executed = nbformat.read(run_dir / "notebooks" / "01_curate.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    for name in ("dataset_specialty_by_split.csv", "dataset_image_type_by_split.png", "dataset_examples.png",
+                 "dataset_class_probe.png"):
+        assert (run_dir / "figures" / name).is_file(), name
+        provenance = json.loads((run_dir / "figures" / f"{name}.provenance.json").read_text())
+        assert provenance["parameters"]["size"] == 32 and provenance["inputs"]
+    assert (run_dir / "data" / "curated" / "metadata.jsonl").is_file()
+
+
+def _notebook(path, cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_ok.ipynb", ["x = 1", "y = x + 1"])
+    _notebook(notebooks / "02_broken.ipynb", ["n = 3", "m = n * 2", "raise ValueError(f'bad input {n}')"])
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "t", "notebooks": ["01_ok", "02_broken"], "common": {"x": 5},
+                                       "02_broken": {"n": 4}}))
+    with pytest.raises(ChainError) as err:
+        reproduce(profile, tmp_path / "run", notebooks_dir=notebooks, progress=False)
+    message = str(err.value)
+    assert "02_broken" in message and "cell 3" in message and "ValueError: bad input 4" in message
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [n["status"] for n in record["notebooks"]] == ["ok", "failed"]
+
+
+def test_profile_parameters_must_be_declared_by_the_notebook(tmp_path):
+    profile = {"name": "t", "notebooks": ["01_curate"], "common": {"seed": 1, "unrelated": 2},
+               "01_curate": {"sise": 64}}
+    with pytest.raises(ValueError, match=r"\['sise'\].*01_curate"):
+        notebook_parameters(profile, "01_curate", {"size", "seed"}, tmp_path)
+    profile["01_curate"] = {"size": 64, "raw_dir": "{run}/raw"}
+    assert notebook_parameters(profile, "01_curate", {"size", "seed", "raw_dir"}, tmp_path) == \
+        {"seed": 1, "size": 64, "raw_dir": f"{tmp_path}/raw"}
+
+
+def test_unknown_profile_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="unknown profile 'nope'.*smoke"):
+        load_profile("nope")
+
+
+def test_reproduce_command_reports_failure_with_non_zero_exit(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "t", "notebooks": ["99_missing"]}))
+    run = subprocess.run([sys.executable, "-m", "medsyn", "reproduce", "--profile", str(profile), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "99_missing" in run.stderr

@@ -1,0 +1,180 @@
+"""Curation of the embedded corpus and of real DICOM files, checked against the corpus's ground truth."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from medsyn.data.curate import check_accounting, curate, patients_in_several_splits
+from medsyn.data.preprocess import hounsfield_window
+from medsyn.data.readers import read_dicom
+from medsyn.paths import MANIFESTS_DIR
+from tests.conftest import EMBEDDED_MANIFESTS, pydicom_file
+
+REQUIRED_FIELDS = {"file_name", "text", "split", "specialty", "image_type", "labels", "patient_id", "source", "sha256",
+                   "source_file"}
+
+
+def _rejected(out: Path) -> list[dict]:
+    with open(out / "rejected.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_raw_file_is_accounted_for(curated):
+    raw_files = {p.relative_to(curated["raw"]).as_posix() for p in curated["raw"].rglob("*") if p.is_file()}
+    listed = {r["source_file"] for r in curated["records"]} | {r["source_file"] for r in _rejected(curated["out"])}
+    assert listed == raw_files
+    assert check_accounting(curated["raw"], curated["out"])["missing"] == []
+
+
+def test_deliberate_defects_get_their_reasons(curated):
+    rejected = {(r["source_file"], r["reason"]): r for r in _rejected(curated["out"])}
+    kept = {r["source_file"] for r in curated["records"]}
+    for defect in curated["truth"]["defects"]:
+        assert (defect["source_file"], defect["reason"]) in rejected, defect
+        assert defect["source_file"] not in kept
+        if "duplicate_of" in defect:
+            assert rejected[(defect["source_file"], defect["reason"])]["detail"] == f"duplicate of {defect['duplicate_of']}"
+            assert defect["duplicate_of"] in kept
+
+
+def test_records_follow_the_data_contract(curated):
+    out = curated["out"]
+    for record in curated["records"]:
+        assert REQUIRED_FIELDS <= set(record)
+        assert record["split"] in {"train", "validation", "test"}
+        assert record["text"].endswith(".") and record["labels"]
+        path = out / record["file_name"]
+        import hashlib
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+        assert Image.open(path).size == (32, 32)
+    sources = {r["source"] for r in curated["records"]}
+    assert sources == set(curated["truth"]["sources"])
+    assert len({r["image_type"] for r in curated["records"]}) >= 6
+    assert len({r["specialty"] for r in curated["records"]}) >= 4
+
+
+def test_the_dataset_loads_as_a_hugging_face_imagefolder(curated):
+    import datasets
+
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(curated["out"]), split="train")
+    assert len(dataset) == len(curated["records"])
+    assert {"image", "text", "split", "labels", "patient_id"} <= set(dataset.column_names)
+
+
+def test_no_patient_in_two_splits_and_the_seed_decides_the_split(curated, tmp_path):
+    assert patients_in_several_splits(curated["records"]) == []
+    again = curate(EMBEDDED_MANIFESTS, curated["raw"], tmp_path / "same", size=32, seed=0, progress=False)
+    assert [(r["sha256"], r["split"]) for r in again.records] == [(r["sha256"], r["split"]) for r in curated["records"]]
+    other = curate(EMBEDDED_MANIFESTS, curated["raw"], tmp_path / "other", size=32, seed=1, progress=False)
+    assert [r["split"] for r in other.records] != [r["split"] for r in curated["records"]]
+    assert patients_in_several_splits(other.records) == []
+
+
+def test_no_dicom_identifier_reaches_the_output(curated):
+    phi = [value for value in curated["truth"]["phi"] if len(value) >= 4]
+    assert len(phi) >= 4 * 8
+    for path in curated["out"].rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for value in phi:
+                assert value.encode() not in data, f"{value} found in {path.name}"
+    patient_ids = {r["patient_id"] for r in curated["records"] if r["source"] == "rsna_pe"}
+    assert all(p.startswith("rsna_pe-") for p in patient_ids)
+
+
+def _folder_by_class_raw(tmp_path: Path) -> Path:
+    """A user's folder-per-class directory mixing real DICOM (CT, MR, MONOCHROME1 CR), PNG and junk."""
+    raw = tmp_path / "raw"
+    (raw / "ct").mkdir(parents=True)
+    (raw / "mr").mkdir()
+    (raw / "radiograph").mkdir()
+    shutil.copy(pydicom_file("CT_small.dcm"), raw / "ct" / "CT_small.dcm")
+    shutil.copy(pydicom_file("eCT_Supplemental.dcm"), raw / "ct" / "IMG0002")  # no suffix: sniffed
+    shutil.copy(pydicom_file("MR_small.dcm"), raw / "mr" / "MR_small.dcm")
+    shutil.copy(pydicom_file("MR_truncated.dcm"), raw / "mr" / "MR_truncated.dcm")
+    shutil.copy(pydicom_file("rtplan.dcm"), raw / "mr" / "rtplan.dcm")
+    shutil.copy(pydicom_file("RG1_UNCI.dcm"), raw / "radiograph" / "RG1_UNCI.dcm")
+    Image.fromarray(np.tile(np.arange(128, dtype=np.uint8), (96, 1))).save(raw / "radiograph" / "gradient.png")
+    (raw / "radiograph" / "readme.txt").write_text("acquired 2021")
+    (raw / "stray.jpg").write_bytes(b"\xff\xd8\xff")
+    return raw
+
+
+def test_folder_by_class_on_real_dicom(tmp_path):
+    raw = _folder_by_class_raw(tmp_path)
+    result = curate([MANIFESTS_DIR / "folder_by_class.yaml"], raw, tmp_path / "out", size=128, progress=False)
+    by_file = {r["source_file"]: r for r in result.records}
+    reasons = {(r.source_file, r.reason) for r in result.rejections}
+    assert {("mr/MR_truncated.dcm", "unreadable"), ("mr/rtplan.dcm", "no_pixel_data"),
+            ("radiograph/readme.txt", "not_an_image"), ("stray.jpg", "unclaimed")} <= reasons
+    assert set(by_file) == {"ct/CT_small.dcm", "ct/IMG0002", "mr/MR_small.dcm", "radiograph/RG1_UNCI.dcm", "radiograph/gradient.png"}
+    assert by_file["ct/CT_small.dcm"]["labels"] == ["ct"]
+    assert by_file["ct/CT_small.dcm"]["text"] == "Medical image showing ct."
+
+    # CT_small is 128 x 128, so at size 128 the written pixels are exactly the 700/100 HU window
+    hu = read_dicom(pydicom_file("CT_small.dcm"))
+    expected = np.clip((hu - (100 - 350)) / 700, 0, 1) * 255
+    written = np.asarray(Image.open(tmp_path / "out" / by_file["ct/CT_small.dcm"]["file_name"]))
+    assert np.abs(written.astype(float) - expected).max() <= 0.5 + 1e-9
+    np.testing.assert_array_equal(written, hounsfield_window(hu))
+
+    # no identifier from any DICOM header reaches the output tree
+    phi = set()
+    for path in raw.rglob("*"):
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        except Exception:
+            continue
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
+            value = str(ds.get(keyword, "")).strip()
+            if len(value) >= 3:
+                phi.add(value)
+    assert {"1CT1", "9RG1", "4MR1"} <= phi
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [v for v in phi if v.encode() in data], path.name
+
+
+def test_curate_command_line(tmp_path):
+    raw = _folder_by_class_raw(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "medsyn", "curate", "--manifest", "folder_by_class", "--raw", str(raw),
+                          "--out", str(tmp_path / "out"), "--size", "64", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["files_in"] == 9 and summary["images_out"] == 5  # the 2-frame eCT gives its middle frame only
+    assert (tmp_path / "out" / "rejected.csv").is_file()
+
+
+def test_rerun_replaces_and_refuses_foreign_folders(curated, tmp_path):
+    out = tmp_path / "out"
+    curate(EMBEDDED_MANIFESTS[:1], curated["raw"], out, size=16, progress=False)
+    first = set((out / "images").rglob("*.png"))
+    curate(EMBEDDED_MANIFESTS[:1], curated["raw"], out, size=24, progress=False)
+    assert not first & set((out / "images").rglob("*.png"))  # no stale image of the earlier run
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        curate(EMBEDDED_MANIFESTS[:1], curated["raw"], out, size=24, progress=False)
+
+
+def test_corpus_is_deterministic(tmp_path):
+    from medsyn.data.corpus import write_corpus
+
+    write_corpus(tmp_path / "a", patients=4, seed=5, size=32, sources=("ham10000", "brats"), progress=False)
+    write_corpus(tmp_path / "b", patients=4, seed=5, size=32, sources=("ham10000", "brats"), progress=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
+                         if not f.name.endswith(".nii.gz"))  # gzip headers carry a time stamp
+    import nibabel as nib
+    for f in files:
+        if f.name.endswith(".nii.gz"):
+            np.testing.assert_array_equal(nib.load(tmp_path / "a" / f).get_fdata(), nib.load(tmp_path / "b" / f).get_fdata())
