@@ -235,7 +235,7 @@ def write_chexpert(root: Path, patients: int, seed: int, size: int, truth: dict)
     height, width = round(size * 1.2), size
     for p in range(patients):
         rng = _rng(seed, "chexpert", p)
-        for study in range(1, 2 + int(rng.random() < 0.4)):
+        for study in range(1, 2 + int(rng.integers(0, 3))):  # 1-3 studies per patient
             finding = (p + study) % 4  # 0 none, 1 cardiomegaly, 2 effusion, 3 both
             cardio, effusion = finding in (1, 3), finding in (2, 3)
             rel = f"CheXpert-v1.0-small/train/patient{p + 1:05d}/study{study}/view1_frontal.jpg"
