@@ -210,14 +210,14 @@ def chest_xray(rng, height: int, width: int, cardiomegaly: bool, effusion: bool,
         ribs = (np.sin((yy * 9 + 0.6 * np.abs(xx) ** 2 * 4) * np.pi) > 0.75) & lungs
         img[ribs] += 28
         img[_ellipse(yy, xx, 0.0, 0, 1.0, 0.09)] = 185  # spine and mediastinum
-        heart_rx = j(0.45 if cardiomegaly else 0.24)
-        img[_ellipse(yy, xx, 0.38, 0.08, j(0.26), heart_rx)] = 180
         if effusion:  # dense basal opacity whose upper edge (meniscus) climbs towards the chest wall
             sides = [-1, 1] if rng.random() < 0.5 else [int(rng.choice([-1, 1]))]
             for s in sides:
                 lung = _ellipse(yy, xx, -0.05, s * 0.42, 0.7, 0.38, s * -0.08)
                 level = rng.uniform(0.05, 0.2) - 0.35 * np.clip(s * xx - 0.2, 0, None)
-                img[lung & (yy > level)] = 175
+                img[lung & (yy > level)] = 140
+        heart_rx = j(0.45 if cardiomegaly else 0.24)
+        img[_ellipse(yy, xx, 0.38, 0.08, j(0.26), heart_rx)] = 210  # drawn over any effusion and brighter: the silhouette stays visible
     img = ndimage.gaussian_filter(img, 1.5) * _shading(rng, height, width)
     img += 6 * _noise(rng, img.shape, 1) + 3 * rng.standard_normal(img.shape)
     return _to_uint8(img)

@@ -25,14 +25,17 @@ def _block(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class ClassProbe(nn.Module):
-    """Four conv blocks and a linear head (~0.1 M parameters); any input size."""
+    """Four conv blocks, pooled to a 4 x 4 grid, and a linear head (~0.2 M parameters); any input size.
+
+    The grid keeps coarse position, which radiographs need (an effusion is basal, the heart central);
+    global average pooling would discard it."""
 
     def __init__(self, num_classes: int, width: int = 64):
         super().__init__()
         self.features = nn.Sequential(*_block(3, width // 2), nn.MaxPool2d(2), *_block(width // 2, width), nn.MaxPool2d(2),
                                       *_block(width, width), nn.MaxPool2d(2), *_block(width, width),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(width, num_classes)
+                                      nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.head = nn.Linear(width * 16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -63,7 +66,7 @@ class TrainedProbe:
 
 def train_class_probe(dataset_dir: str | Path, records: list[dict], epochs: int = 15, batch_size: int = 64,
                       lr: float = 2e-3, seed: int = 0, progress: bool = True) -> TrainedProbe:
-    """Train a `ClassProbe` on `records` (AdamW, horizontal flips), one class per `class_key`.
+    """Train a `ClassProbe` on `records` (AdamW with cosine decay, horizontal flips), one class per `class_key`.
 
     Args:
         dataset_dir: the dataset the records' `file_name`s are relative to.
@@ -81,6 +84,9 @@ def train_class_probe(dataset_dir: str | Path, records: list[dict], epochs: int 
     targets = torch.tensor([classes.index(class_key(r)) for r in records])
     model = ClassProbe(len(classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    steps = epochs * -(-len(images) // batch_size)
+    # cosine decay to zero: the last weights are a settled model, not a snapshot of a noisy step
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     model.train()
     for _ in tqdm(range(epochs), desc="class probe", unit="epoch", disable=not progress):
         order = torch.randperm(len(images), generator=generator)
@@ -93,6 +99,7 @@ def train_class_probe(dataset_dir: str | Path, records: list[dict], epochs: int 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
     return TrainedProbe(model=model, classes=classes)
 
 
