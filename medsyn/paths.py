@@ -11,7 +11,6 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 PROFILES_DIR = NOTEBOOKS_DIR / "profiles"
 MANIFESTS_DIR = REPO_ROOT / "data_manifests"
 VOCABULARIES_DIR = MANIFESTS_DIR / "vocabularies"
-FIGURES_DIR = REPO_ROOT / "figures"
 
 
 def runs_dir() -> Path:

@@ -73,10 +73,6 @@ def _noise(rng, shape, sigma) -> np.ndarray:
     return field / (field.std() + 1e-8)
 
 
-def _soft(mask: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    return ndimage.gaussian_filter(mask.astype(np.float64), sigma)
-
-
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 

@@ -48,12 +48,13 @@ class Rejection:
 
 @dataclass
 class _Candidate:
-    """An image that passed reading and labelling, before de-duplication and splitting."""
+    """An image already written (named by its hash), waiting for its pseudonym and split."""
 
     source: str
     source_file: str
     source_item: str
-    image: np.ndarray
+    file_name: str
+    sha256: str
     labels: list[str]
     patient_key: str  # the original identifier: kept in memory only, replaced by a pseudonym
 
@@ -110,9 +111,10 @@ class _SourceReader:
         self.root = (raw_dir / manifest["root"]).resolve()
         self.raw_dir = raw_dir
         self.table = self._load_table()
-        self.vocabulary = None
+        self.vocabulary, self.terms = None, None
         if "vocabulary" in manifest["caption"]:
             self.vocabulary = load_vocabulary(VOCABULARIES_DIR / f"{manifest['caption']['vocabulary']}.yaml")
+            self.terms = vocabulary_terms(self.vocabulary)
 
     def _load_table(self) -> pd.DataFrame | None:
         paths = _table_paths(self.m)
@@ -357,6 +359,7 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
         else:
             image_files.append((reader, source_file))
 
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     duplicates = DuplicateIndex(min_correlation=near_duplicate_correlation)
     candidates: list[_Candidate] = []
     for reader, source_file in tqdm(image_files, desc="curate", unit="file", disable=not progress):
@@ -377,8 +380,8 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
                 continue
             patient = f"dicom:{dicom_patient}"
         for item, image, item_labels in pieces:
-            if reader.vocabulary is not None:
-                unknown = [label for label in item_labels if label not in vocabulary_terms(reader.vocabulary)]
+            if reader.terms is not None:
+                unknown = [label for label in item_labels if label not in reader.terms]
                 if unknown:
                     rejections.append(Rejection(source_file, reader.name, "unknown_label",
                                                 f"labels {unknown} are not in vocabulary '{reader.vocabulary['name']}'", item))
@@ -391,7 +394,8 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
                 detail = f"duplicate of {first_file}" + (f" ({first_item})" if first_item else "")
                 rejections.append(Rejection(source_file, reader.name, reason, detail, item))
                 continue
-            candidates.append(_Candidate(reader.name, source_file, item, image, item_labels, patient))
+            file_name, sha = _write_png(image, out_dir)
+            candidates.append(_Candidate(reader.name, source_file, item, file_name, sha, item_labels, patient))
 
     records = _write_dataset(candidates, loaded, out_dir, seed)
     _write_rejections(rejections, out_dir)
@@ -420,11 +424,23 @@ def _clear_previous_output(out_dir: Path) -> None:
             path.unlink()
 
 
+def _write_png(image: np.ndarray, out_dir: Path) -> tuple[str, str]:
+    """Write one accepted image at once (so memory holds no pixels) and return (file_name, sha256)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    # hex-only names: the `datasets` imagefolder loader would read 'train'/'test' in a path as a split
+    file_name = f"images/{sha[:2]}/{sha[:24]}.png"
+    path = out_dir / file_name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return file_name, sha
+
+
 def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir: Path, seed: int) -> list[dict]:
-    """Pseudonymise patients, split per source, write PNGs and `metadata.jsonl`."""
+    """Pseudonymise patients, split per source (stratified by class) and write `metadata.jsonl`."""
     by_name = {m["name"]: m for m in manifests}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "images").mkdir(exist_ok=True)
 
     pseudonyms: dict[tuple[str, str], str] = {}
     patients_per_source: Counter = Counter()
@@ -448,17 +464,8 @@ def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir:
     for c in candidates:
         m = by_name[c.source]
         patient_id = pseudonyms[(c.source, c.patient_key)]
-        buffer = io.BytesIO()
-        Image.fromarray(c.image).save(buffer, format="PNG")
-        data = buffer.getvalue()
-        sha = hashlib.sha256(data).hexdigest()
-        # hex-only names: the `datasets` imagefolder loader would read 'train'/'test' in a path as a split
-        file_name = f"images/{sha[:2]}/{sha[:24]}.png"
-        path = out_dir / file_name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(data)
         records.append({
-            "file_name": file_name,
+            "file_name": c.file_name,
             "text": caption_from_labels(c.labels, m["caption"], m["image_type"]),
             "split": split_of[(c.source, patient_id)],
             "specialty": m["specialty"],
@@ -468,7 +475,7 @@ def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir:
             "source": c.source,
             "source_file": c.source_file,
             "source_item": c.source_item,
-            "sha256": sha,
+            "sha256": c.sha256,
         })
     with open(out_dir / "metadata.jsonl", "w") as f:
         for record in records:

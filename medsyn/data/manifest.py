@@ -24,7 +24,7 @@ def _schema() -> dict:
         return yaml.safe_load(f)
 
 
-def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
+def _describe(error: jsonschema.ValidationError) -> str:
     """Turn a jsonschema error into 'field: reason', suggesting the closest known field for a misspelling."""
     where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     if error.validator == "additionalProperties":
@@ -54,10 +54,9 @@ def validate_manifest(manifest: dict, origin: str = "<manifest>") -> dict:
     """
     if not isinstance(manifest, dict):
         raise ManifestError(f"{origin}: a manifest must be a mapping, got {type(manifest).__name__}")
-    schema = _schema()
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(manifest), key=lambda e: list(e.absolute_path))
     if errors:
-        raise ManifestError(f"{origin}: " + "; ".join(_describe(e, schema) for e in errors))
+        raise ManifestError(f"{origin}: " + "; ".join(_describe(e) for e in errors))
     _check_consistency(manifest, origin)
     return _with_defaults(manifest)
 
