@@ -24,6 +24,9 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path):
         provenance = json.loads((run_dir / "figures" / f"{name}.provenance.json").read_text())
         assert provenance["parameters"]["size"] == 32 and provenance["inputs"]
     assert (run_dir / "data" / "curated" / "metadata.jsonl").is_file()
+    # 02_train_ldm: a pipeline diffusers loads, and the alignment table of its samples
+    assert (run_dir / "models" / "ldm_compact" / "unet_training" / "pipeline" / "model_index.json").is_file()
+    assert (run_dir / "figures" / "alignment_ldm_compact.csv.provenance.json").is_file()
 
 
 def _notebook(path, cells):

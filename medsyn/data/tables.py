@@ -67,3 +67,14 @@ def plot_examples(dataset_dir: str | Path, records: list[dict], per_class: int =
                           ha="right", va="center", fontsize=7)
     fig.subplots_adjust(left=0.3, wspace=0.05, hspace=0.05)
     return fig
+
+
+def class_prompts(records: list[dict]) -> dict[str, str]:
+    """Each class (`class_key`) and its caption, in class order; a class whose images carry two
+    different captions is an error, since the prompt would not name one class."""
+    prompts: dict[str, str] = {}
+    for record in records:
+        key = class_key(record)
+        if prompts.setdefault(key, record["text"]) != record["text"]:
+            raise ValueError(f"class {key!r} has two captions: {prompts[key]!r} and {record['text']!r}")
+    return dict(sorted(prompts.items()))

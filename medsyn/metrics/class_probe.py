@@ -46,6 +46,25 @@ class TrainedProbe:
     model: ClassProbe
     classes: list[str]
 
+    def save(self, path: str | Path) -> Path:
+        """Write the weights and class list to one file (a dict saved with torch.save)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"classes": self.classes, "width": self.model.head.in_features // 16,
+                    "state_dict": self.model.state_dict()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainedProbe":
+        """Read what `save` wrote."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"class probe not found: {path} (written by notebooks/01_curate)")
+        saved = torch.load(path, weights_only=True)
+        model = ClassProbe(len(saved["classes"]), width=saved["width"])
+        model.load_state_dict(saved["state_dict"])
+        return cls(model=model.eval(), classes=saved["classes"])
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """Class indices for images N x 3 x H x W in [0, 1]."""
@@ -54,14 +73,18 @@ class TrainedProbe:
 
     def accuracy(self, dataset_dir: str | Path, records: list[dict]) -> dict:
         """Overall and macro accuracy plus per-class accuracy of `records` (classes from `class_key`)."""
-        unknown = {class_key(r) for r in records} - set(self.classes)
+        return self.accuracy_of(load_images(dataset_dir, records), [class_key(r) for r in records])
+
+    def accuracy_of(self, images: torch.Tensor, classes: list[str]) -> dict:
+        """Accuracy of images N x 3 x H x W in [0, 1] whose true classes are `classes`."""
+        unknown = set(classes) - set(self.classes)
         if unknown:
             raise ValueError(f"classes the probe was not trained on: {sorted(unknown)}")
-        truth = np.array([self.classes.index(class_key(r)) for r in records])
-        predicted = self.predict(load_images(dataset_dir, records))
+        truth = np.array([self.classes.index(c) for c in classes])
+        predicted = self.predict(images)
         per_class = {self.classes[c]: float((predicted[truth == c] == c).mean()) for c in np.unique(truth)}
         return {"accuracy": float((predicted == truth).mean()), "macro_accuracy": float(np.mean(list(per_class.values()))),
-                "per_class": per_class, "n": len(records)}
+                "per_class": per_class, "n": len(classes)}
 
 
 def train_class_probe(dataset_dir: str | Path, records: list[dict], epochs: int = 15, batch_size: int = 64,

@@ -1,0 +1,1 @@
+"""Networks and pretrained components, each loaded from a local directory only."""

@@ -1,0 +1,66 @@
+"""Sampling from a saved pipeline: every image carries the seed that regenerates it on its own."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a sampling run with base `seed`."""
+    return int(np.random.default_rng([seed, index]).integers(2 ** 31))
+
+
+def load_pipeline(path: str | Path):
+    """A diffusers pipeline from a local directory (never the network), on the CPU."""
+    from diffusers import DiffusionPipeline
+
+    from medsyn.models.text_encoders import require_dir
+
+    pipeline = DiffusionPipeline.from_pretrained(require_dir(path, ("model_index.json",)), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: int = 25, guidance_scale: float = 4.0,
+             batch_size: int = 32) -> list[dict]:
+    """`per_prompt` images for each prompt, in batches; returns dicts with prompt_id, prompt, seed and
+    the uint8 image. The image with record seed s is `pipeline(prompt, generator=torch.Generator()
+    .manual_seed(s), ...)` alone: each image's starting noise comes from its own generator.
+
+    Args:
+        pipeline: a text-to-image diffusers pipeline.
+        prompts: the prompts; an empty prompt is rejected.
+        per_prompt: images per prompt.
+        seed: base seed of the run.
+        steps: sampler steps (the pipeline's own scheduler).
+        guidance_scale: classifier-free guidance scale.
+        batch_size: images per pipeline call.
+    """
+    if any(not p.strip() for p in prompts):
+        raise ValueError("empty prompt: every prompt must say what to generate")
+    jobs = [(i, p, image_seed(seed, n)) for n, (i, p) in enumerate((i, p) for i, p in enumerate(prompts)
+                                                                    for _ in range(per_prompt))]
+    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    out = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        images = pipeline([p for _, p, _ in chunk], height=size, width=size, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, output_type="np",
+                          generator=[torch.Generator().manual_seed(s) for _, _, s in chunk]).images
+        for (i, p, s), image in zip(chunk, images):
+            out.append({"prompt_id": i, "prompt": p, "seed": s, "image": np.rint(image * 255).astype(np.uint8)})
+    return out
+
+
+def image_grid(images: list[np.ndarray], columns: int) -> Image.Image:
+    """Tile equally sized uint8 images into one picture, row by row."""
+    h, w = images[0].shape[:2]
+    rows = -(-len(images) // columns)
+    grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image if image.ndim == 3 else image[..., None]
+    return Image.fromarray(grid)

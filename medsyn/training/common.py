@@ -1,0 +1,179 @@
+"""What every diffusion family's training loop shares, and nothing else (STYLE rule 6): the batch
+order, per-step randomness, Min-SNR weighting, noise offset, on-disk caches and checkpoints.
+
+Resume is exact by construction: batch `k` of a run is a pure function of (seed, k), and every
+random draw of step `k` comes from a generator seeded by (seed, k). A checkpoint therefore needs only
+the weights, optimizer, LR scheduler, EMA and the step; N steps straight and N/2 + resume + N/2 give
+bitwise the same weights on the CPU. (accelerate's own RNG states are saved too, for any library code
+that draws from the global generators.)
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from medsyn.data.curate import read_metadata
+
+
+# ---------------------------------------------------------------- data order and randomness
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of global batch `step`: consecutive slices of one permutation per epoch (seed, epoch).
+
+    A batch that runs past the end of an epoch continues into the next epoch's permutation, so every
+    image is seen once per epoch whatever the batch size.
+    """
+    if n <= 0:
+        raise ValueError("cannot draw batches from an empty data set")
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(order[offset:offset + batch_size - len(out)].tolist())
+    return np.asarray(out)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for the random draws of one step (noise, timesteps, caption dropout)."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, stream]).integers(2 ** 62)))
+
+
+# ---------------------------------------------------------------- loss pieces
+
+def min_snr_weights(snr: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al., ICCV 2023) for a loss on the network's own target.
+
+    Both weightings equal min(SNR, γ) on the x0 error: for ε-prediction ‖x0 − x̂0‖² = ‖ε − ε̂‖² / SNR,
+    for v-prediction ‖x0 − x̂0‖² = ‖v − v̂‖² / (SNR + 1). Dividing by SNR for v-prediction, as some
+    scripts did, down-weights every noisy step. γ = None gives weight 1.
+
+    Args:
+        snr: SNR(t) = α_t² / σ_t² per sample.
+        gamma: the clamp γ (the paper uses 5).
+        prediction_type: 'epsilon', 'v_prediction' or 'sample'.
+    """
+    if gamma is None:
+        return torch.ones_like(snr)
+    clamped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clamped / snr
+    if prediction_type == "v_prediction":
+        return clamped / (snr + 1)
+    if prediction_type == "sample":
+        return clamped
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def sample_noise(shape, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise plus `offset` × a per-channel constant (the noise offset of Guttenberg 2023),
+    which lets a model learn overall brightness; 0 turns it off."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], *([1] * (len(shape) - 2)), generator=generator)
+    return noise
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network is trained to predict under the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+# ---------------------------------------------------------------- caches on disk (memory-mapped)
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """An image file as uint8 H x W x 3 (grey repeated): every generator works in RGB."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def cache_images(dataset_dir: str | Path, records: list[dict], cache_path: str | Path) -> np.memmap:
+    """Write the records' images to one uint8 N x 3 x H x W `.npy` and return it memory-mapped.
+
+    An existing cache with the same shape and file list is reused.
+    """
+    cache_path = Path(cache_path)
+    index_path = cache_path.with_suffix(".json")
+    names = [r["file_name"] for r in records]
+    if cache_path.is_file() and index_path.is_file() and json.loads(index_path.read_text()) == names:
+        return np.load(cache_path, mmap_mode="r")
+    first = load_rgb(Path(dataset_dir) / names[0])
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.lib.format.open_memmap(cache_path, mode="w+", dtype=np.uint8, shape=(len(names), 3, *first.shape[:2]))
+    for i, name in enumerate(names):
+        image = load_rgb(Path(dataset_dir) / name)
+        if image.shape != first.shape:
+            raise ValueError(f"{name} is {image.shape[:2]}, the others {first.shape[:2]}: curate at one size")
+        array[i] = image.transpose(2, 0, 1)
+    array.flush()
+    index_path.write_text(json.dumps(names))
+    return np.load(cache_path, mmap_mode="r")
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(images, dtype=np.float32)) / 127.5 - 1
+
+
+def training_records(dataset_dir: str | Path, split: str = "train") -> list[dict]:
+    records = [r for r in read_metadata(dataset_dir) if r["split"] == split]
+    if not records:
+        raise ValueError(f"no '{split}' records in {dataset_dir}")
+    return records
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (`step_NNNNNNN` with a `trainer_state.json`); half-written ones
+    (still named `*.tmp`) are ignored."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return None
+    done = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Save the accelerator state (models, optimizers, LR schedulers, registered objects such as EMA,
+    RNG states) plus `trainer_state.json`, atomically: written under a temporary name and renamed, so
+    an interrupted save never leaves a checkpoint that looks complete. Keeps the newest `keep`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    final = checkpoint_dir / f"step_{step:07d}"
+    temporary = checkpoint_dir / f"step_{step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    if accelerator.is_main_process:
+        (temporary / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        for old in sorted(p for p in checkpoint_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: str | Path) -> dict:
+    """Restore what `save_checkpoint` wrote; return its trainer state (with `step`)."""
+    accelerator.load_state(str(checkpoint))
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
+def progress_bar(total: int, start: int, desc: str, enabled: bool):
+    return tqdm(total=total, initial=start, desc=desc, unit="step", disable=not enabled)

@@ -1,0 +1,376 @@
+"""ldm-compact: a small latent diffusion model trained from scratch, as MSDM / Prompt to Polyp
+(Chaichuk, Gautam, Hicks, Tutubalina 2025) does for colonoscopy: an AutoencoderKL trained on the
+curated images, then a cross-attention UNet2DConditionModel trained in its latent space on a frozen
+text encoder, saved as a diffusers `StableDiffusionPipeline` directory that
+`StableDiffusionPipeline.from_pretrained` loads as it is.
+
+Two readable loops, top to bottom: `train_vae` and `train_unet`. Shared pieces (batch order,
+per-step randomness, Min-SNR, caches, checkpoints) are in `medsyn.training.common`.
+"""
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsyn.models.text_encoders import load_text_encoder, require_dir
+from medsyn.training.common import (batch_indices, cache_images, diffusion_target, latest_checkpoint,
+                                    load_checkpoint, min_snr_weights, progress_bar, sample_noise, save_checkpoint,
+                                    step_generator, to_model_range, training_records)
+
+# A ~0.65 M-parameter VAE (x4 down-sampling, 4 latent channels) and a ~2 M-parameter U-Net: sizes that
+# learn the embedded classes on 2 CPU cores. The `paper` profile passes larger ones. Few channels per
+# norm group: with one channel per group (instance norm) the VAE lost each image's colour (measured:
+# colour L1 0.24 with 16 groups, 0.12 with 4).
+VAE_CONFIG = {"block_out_channels": [16, 32, 64], "layers_per_block": 1, "latent_channels": 4,
+              "norm_num_groups": 4, "mid_block_add_attention": False}
+UNET_CONFIG = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 8,
+               "norm_num_groups": 8,
+               "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+# Stable Diffusion's noise schedule; v-prediction keeps few-step samplers bounded on small latents
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+            "steps_offset": 1}
+
+
+# ---------------------------------------------------------------- the autoencoder
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017) as in the LDM autoencoder loss: a logit per overlapping patch.
+    GroupNorm instead of BatchNorm, so several processes need no synchronised statistics."""
+
+    def __init__(self, channels: int = 3, width: int = 32, layers: int = 2):
+        super().__init__()
+        blocks, c = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)], width
+        for _ in range(1, layers):
+            blocks += [nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2)]
+            c *= 2
+        blocks.append(nn.Conv2d(c, 1, 3, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _Autoencode(nn.Module):
+    """Encode, sample z = mean + std * ε with the caller's ε, decode: one forward, so that a
+    distributed wrapper sees (and synchronises) every gradient of the step."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor):
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.mean + posterior.std * eps).sample, posterior.kl().mean()
+
+
+def make_vae(image_size: int, config: dict | None = None):
+    from diffusers import AutoencoderKL
+
+    cfg = {**VAE_CONFIG, **(config or {})}
+    levels = len(cfg["block_out_channels"])
+    return AutoencoderKL(in_channels=3, out_channels=3, sample_size=image_size,
+                         down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+                         **cfg)
+
+
+def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, batch_size: int = 16, lr: float = 5e-4,
+              kl_weight: float = 1e-6, adversarial_weight: float = 0.1, adversarial_start: int | None = None,
+              config: dict | None = None, seed: int = 0, checkpoint_every: int = 200, resume: bool = True,
+              mixed_precision: str = "no", progress: bool = True) -> dict:
+    """Train an AutoencoderKL on the training split: L1 reconstruction + KL + a PatchGAN hinge term.
+
+    The adversarial term (LDM, Rombach et al. 2022, Appendix G) needs no downloaded weights, unlike
+    LPIPS. After training, the latent scale is set so that scaled latents have unit variance (SD's
+    0.18215 was found the same way) and the VAE is saved to `<out_dir>/vae`.
+
+    Args:
+        dataset_dir: curated dataset (one image size).
+        out_dir: where checkpoints, the cache and `vae/` go.
+        steps: optimizer steps.
+        batch_size: images per step (over all processes).
+        lr: AdamW learning rate of autoencoder and discriminator.
+        kl_weight: weight of the KL term.
+        adversarial_weight: weight of the generator's hinge term; 0 turns the discriminator off.
+        adversarial_start: step at which the adversarial term starts (default: half of `steps`).
+        config: AutoencoderKL overrides of `VAE_CONFIG`.
+        seed: seed of initialisation, batch order and sampling.
+        checkpoint_every: steps between checkpoints.
+        resume: continue from the newest checkpoint in `<out_dir>/checkpoints`.
+        mixed_precision: accelerate's 'no', 'fp16' or 'bf16'.
+        progress: show a progress bar.
+
+    Returns:
+        {'vae_dir', 'scaling_factor', 'validation_l1', 'l1_history'} (the L1 of each step run here).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    set_seed(seed)
+    records = training_records(dataset_dir)
+    images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
+    vae = make_vae(images.shape[-1], config)
+    latent_shape = (vae.config.latent_channels, *(n // 2 ** (len(vae.config.block_out_channels) - 1)
+                                                  for n in images.shape[-2:]))
+    autoencode = _Autoencode(vae)
+    discriminator = PatchDiscriminator()
+    optimizer = torch.optim.AdamW(autoencode.parameters(), lr=lr)
+    d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+    autoencode, discriminator, optimizer, d_optimizer = accelerator.prepare(autoencode, discriminator, optimizer, d_optimizer)
+    start = 0
+    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    if checkpoint:
+        start = load_checkpoint(accelerator, checkpoint)["step"]
+    adversarial_start = steps // 2 if adversarial_start is None else adversarial_start
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    history = []
+    bar = progress_bar(steps, start, "vae", progress and accelerator.is_local_main_process)
+    for step in range(start, steps):
+        index = batch_indices(len(images), batch_size, seed, step)[rank::world]
+        x = to_model_range(images[index]).to(accelerator.device)
+        generator = step_generator(seed, step, rank)
+        eps = torch.randn((len(index), *latent_shape), generator=generator).to(x.device)
+        with accelerator.autocast():
+            reconstruction, kl = autoencode(x, eps)
+            l1 = (reconstruction - x).abs().mean()
+            loss = l1 + kl_weight * kl
+            adversarial = adversarial_weight > 0 and step >= adversarial_start
+            if adversarial:
+                loss = loss - adversarial_weight * discriminator(reconstruction).mean()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        if adversarial:  # hinge loss of the discriminator on real images and detached reconstructions
+            with accelerator.autocast():
+                d_loss = 0.5 * (torch.relu(1 - discriminator(x)).mean()
+                                + torch.relu(1 + discriminator(reconstruction.detach())).mean())
+            d_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss)
+            d_optimizer.step()
+        history.append(l1.item())
+        bar.update(1)
+        bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.1f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(accelerator, out_dir / "checkpoints", step + 1, {"l1": l1.item()})
+    bar.close()
+
+    vae = accelerator.unwrap_model(autoencode).vae.eval()
+    with torch.no_grad():
+        means = [vae.encode(to_model_range(images[i:i + 64])).latent_dist.mean for i in range(0, len(images), 64)]
+        scaling_factor = float(1 / torch.cat(means).std())
+        held_out = training_records(dataset_dir, "validation")
+        val = cache_images(dataset_dir, held_out, out_dir / "cache" / "validation_images.npy")
+        x = to_model_range(val[:64])
+        validation_l1 = float((vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    if accelerator.is_main_process:
+        vae.save_pretrained(out_dir / "vae")
+    return {"vae_dir": out_dir / "vae", "scaling_factor": scaling_factor, "validation_l1": validation_l1,
+            "l1_history": history}
+
+
+# ---------------------------------------------------------------- the latent U-Net
+
+def cache_latent_moments(vae, images: np.ndarray, cache_dir: Path) -> tuple[np.memmap, np.memmap]:
+    """Posterior mean and std of every training image, as memory-mapped float32 `.npy` files; the
+    frozen VAE runs once, and each step samples z = mean + std * ε from the cache."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    size = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (len(images), vae.config.latent_channels, size, size)
+    mean = np.lib.format.open_memmap(cache_dir / "latent_mean.npy", mode="w+", dtype=np.float32, shape=shape)
+    std = np.lib.format.open_memmap(cache_dir / "latent_std.npy", mode="w+", dtype=np.float32, shape=shape)
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            posterior = vae.encode(to_model_range(images[i:i + 64])).latent_dist
+            mean[i:i + 64] = posterior.mean.numpy()
+            std[i:i + 64] = posterior.std.numpy()
+    mean.flush()
+    std.flush()
+    return np.load(cache_dir / "latent_mean.npy", mmap_mode="r"), np.load(cache_dir / "latent_std.npy", mmap_mode="r")
+
+
+def cache_prompt_embeddings(encoder, prompts: list[str], cache_dir: Path) -> np.memmap:
+    """Hidden states of each distinct prompt, row 0 the empty (unconditional) prompt, memory-mapped."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rows = [""] + prompts
+    path = cache_dir / "prompt_hidden_states.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                      shape=(len(rows), encoder.max_length, encoder.hidden_size))
+    for i in range(0, len(rows), 256):
+        array[i:i + 256] = encoder.encode(rows[i:i + 256]).hidden_states.numpy()
+    array.flush()
+    (cache_dir / "prompts.json").write_text(json.dumps(rows))
+    return np.load(path, mmap_mode="r")
+
+
+def build_pipeline(vae, encoder, unet, prediction_type: str):
+    """A diffusers StableDiffusionPipeline around medsyn's components (DPM-Solver++ by default).
+
+    A BERT-like encoder gets `use_attention_mask`, so the pipeline encodes prompts exactly as training
+    did, and its tokenizer's length is the training length."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    tokenizer, text_model = encoder.towers[0]
+    tokenizer.model_max_length = encoder.max_length
+    if encoder.kind in ("minilm", "bert"):
+        text_model.config.use_attention_mask = True
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=prediction_type, algorithm_type="dpmsolver++")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_model, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path, text_encoder: str = "minilm",
+               text_encoder_path: str | None = None, config: dict | None = None, steps: int = 3000,
+               batch_size: int = 32, gradient_accumulation_steps: int = 1, lr: float = 1e-3, lr_warmup_steps: int = 100,
+               ema_decay: float = 0.999, prediction_type: str = "v_prediction", snr_gamma: float | None = 5.0,
+               noise_offset: float = 0.0, caption_dropout: float = 0.1, max_grad_norm: float = 1.0,
+               mixed_precision: str = "no", gradient_checkpointing: bool = False, checkpoint_every: int = 500,
+               validation_every: int = 500, validation_prompts: list[str] | None = None, guidance_scale: float = 4.0,
+               seed: int = 0, resume: bool = True, progress: bool = True) -> dict:
+    """Train a cross-attention U-Net in the VAE's latent space and save the pipeline to `<out_dir>/pipeline`.
+
+    Loss: MSE on the scheduler's target (v by default) with Min-SNR-γ weights; captions are replaced
+    by the empty prompt with probability `caption_dropout`, for classifier-free guidance. The EMA of
+    the weights is what is saved.
+
+    Args:
+        dataset_dir: curated dataset; the training split is used.
+        vae_dir: a trained AutoencoderKL (`train_vae`'s `vae/`), frozen here.
+        out_dir: checkpoints, caches, validation grids and `pipeline/`.
+        text_encoder, text_encoder_path: see `medsyn.models.text_encoders.load_text_encoder`.
+        config: UNet2DConditionModel overrides of `UNET_CONFIG`.
+        steps: optimizer steps; batch_size: images per optimizer step over all processes and
+            accumulation steps; gradient_accumulation_steps: micro-batches per optimizer step.
+        lr, lr_warmup_steps: AdamW learning rate, constant after a linear warm-up.
+        ema_decay: EMA decay of the saved weights.
+        prediction_type: 'v_prediction' (default) or 'epsilon'.
+        snr_gamma: Min-SNR γ; None for plain MSE.
+        noise_offset: noise-offset strength (0: off).
+        caption_dropout: probability of training on the empty prompt.
+        max_grad_norm: gradient clipping.
+        mixed_precision: accelerate's 'no', 'fp16' or 'bf16'.
+        gradient_checkpointing: trade compute for memory in the U-Net.
+        checkpoint_every, validation_every: steps between checkpoints / validation grids (0: never).
+        validation_prompts: prompts of the validation grid (default: up to 8 distinct captions).
+        guidance_scale: classifier-free guidance of the validation grid.
+        seed: seed of initialisation, batch order and every random draw.
+        resume: continue from the newest checkpoint in `<out_dir>/checkpoints`.
+        progress: show a progress bar.
+
+    Returns:
+        {'pipeline_dir', 'steps', 'loss_history'} (the loss of each step run here).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro_batch = batch_size // gradient_accumulation_steps
+    if micro_batch * gradient_accumulation_steps != batch_size or micro_batch % world:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
+                         f"steps and {world} processes")
+    set_seed(seed)
+
+    # frozen components and the on-disk caches they fill once
+    vae = AutoencoderKL.from_pretrained(require_dir(vae_dir), local_files_only=True).eval().requires_grad_(False)
+    encoder = load_text_encoder(text_encoder, text_encoder_path)
+    records = training_records(dataset_dir)
+    images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
+    latent_mean, latent_std = cache_latent_moments(vae, images, out_dir / "cache")
+    prompts = sorted({r["text"] for r in records})
+    hidden = cache_prompt_embeddings(encoder, prompts, out_dir / "cache")
+    prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the empty prompt
+    scaling = vae.config.scaling_factor
+
+    unet = UNet2DConditionModel(sample_size=latent_mean.shape[-1], in_channels=latent_mean.shape[1],
+                                out_channels=latent_mean.shape[1], cross_attention_dim=encoder.hidden_size,
+                                **{**UNET_CONFIG, **(config or {})})
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=prediction_type)
+    ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    accelerator.register_for_checkpointing(ema)
+    start = 0
+    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    if checkpoint:
+        start = load_checkpoint(accelerator, checkpoint)["step"]
+    validation_prompts = validation_prompts or prompts[:8]
+
+    history = []
+    bar = progress_bar(steps, start, "unet", progress and accelerator.is_local_main_process)
+    for step in range(start, steps):
+        for micro in range(gradient_accumulation_steps):
+            draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
+            index = batch_indices(len(records), micro_batch, seed, draw)[rank::world]
+            generator = step_generator(seed, draw, rank)
+            latents = torch.from_numpy(latent_mean[index] + latent_std[index] * torch.randn(
+                latent_mean[index].shape, generator=generator).numpy()) * scaling
+            rows = np.where(torch.rand(len(index), generator=generator).numpy() < caption_dropout, 0, prompt_of[index])
+            encoder_hidden_states = torch.from_numpy(hidden[rows])
+            noise = sample_noise(latents.shape, generator, noise_offset)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+            device = accelerator.device
+            sync = micro == gradient_accumulation_steps - 1
+            with accelerator.autocast(), (nullcontext() if sync else accelerator.no_sync(unet)):
+                prediction = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states.to(device)).sample
+                per_sample = ((prediction.float() - target.to(device)) ** 2).mean(dim=(1, 2, 3))
+                weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), snr_gamma, prediction_type)
+                loss = (weights.to(device) * per_sample).mean() / gradient_accumulation_steps
+                accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        history.append(loss.item() * gradient_accumulation_steps)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        done = step + 1
+        if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+        if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
+            _validation_grid(accelerator.unwrap_model(unet), ema, vae, encoder, prediction_type, validation_prompts,
+                             guidance_scale, seed, out_dir / "validation" / f"step_{done:07d}.png")
+    bar.close()
+
+    pipeline_dir = out_dir / "pipeline"
+    final = accelerator.unwrap_model(unet)
+    ema.store(final.parameters())
+    ema.copy_to(final.parameters())
+    if accelerator.is_main_process:
+        build_pipeline(vae, encoder, final, prediction_type).save_pretrained(pipeline_dir)
+    ema.restore(final.parameters())
+    accelerator.wait_for_everyone()
+    return {"pipeline_dir": pipeline_dir, "steps": steps, "loss_history": history}
+
+
+def _validation_grid(unet, ema, vae, encoder, prediction_type, prompts, guidance_scale, seed, path: Path) -> None:
+    """Sample each validation prompt twice with the EMA weights and save one grid image."""
+    from medsyn.sampling import generate, image_grid
+
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    pipeline = build_pipeline(vae, encoder, unet, prediction_type)
+    pipeline.set_progress_bar_config(disable=True)
+    samples = generate(pipeline, prompts, per_prompt=2, seed=seed, guidance_scale=guidance_scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([s["image"] for s in samples], columns=2 * 4).save(path)
+    unet.train()
+    ema.restore(unet.parameters())

@@ -1,0 +1,67 @@
+"""Figures a training notebook shows: loss curves, reconstructions, samples per prompt, alignment."""
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from medsyn.training.common import cache_images, to_model_range
+
+
+def plot_loss(history: list[float], title: str, smooth: int = 50):
+    """Per-step loss (light) and its running mean over `smooth` steps."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    steps = np.arange(1, len(history) + 1)
+    ax.plot(steps, history, color="#4C72B0", alpha=0.3, lw=0.8)
+    if len(history) >= smooth:
+        ax.plot(steps[smooth - 1:], np.convolve(history, np.ones(smooth) / smooth, mode="valid"), color="#4C72B0")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: list[dict], cache_path: str | Path, n: int = 8):
+    """Real images (top) and their VAE reconstructions from the posterior mean (bottom)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    picked = records[:: max(1, len(records) // n)][:n]
+    x = to_model_range(cache_images(dataset_dir, picked, cache_path))
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    fig, axes = plt.subplots(2, len(picked), figsize=(1.2 * len(picked), 2.6))
+    for i in range(len(picked)):
+        for row, batch in enumerate((x, y)):
+            axes[row, i].imshow(((batch[i].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
+            axes[row, i].axis("off")
+    axes[0, 0].set_title("real", fontsize=8, loc="left")
+    axes[1, 0].set_title("reconstructed", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_samples_by_prompt(samples: list[dict], prompts: dict[str, str], per_row: int = 8):
+    """One row per class: its prompt and the generated images."""
+    names = list(prompts)
+    fig, axes = plt.subplots(len(names), per_row, figsize=(per_row * 1.0 + 3.4, len(names) * 1.0), squeeze=False)
+    for row, name in enumerate(names):
+        images = [s["image"] for s in samples if s["prompt_id"] == row][:per_row]
+        for col in range(per_row):
+            axes[row, col].axis("off")
+            if col < len(images):
+                axes[row, col].imshow(images[col])
+        axes[row, 0].text(-0.1, 0.5, name, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.3, wspace=0.05, hspace=0.05)
+    return fig
+
+
+def alignment_table(result: dict, family: str) -> pd.DataFrame:
+    """Per-class accuracy of a probe on generated images, with the macro mean as the last row."""
+    table = pd.DataFrame({"class": list(result["per_class"]), family: list(result["per_class"].values())})
+    macro = pd.DataFrame({"class": ["macro mean"], family: [result["macro_accuracy"]]})
+    return pd.concat([table, macro], ignore_index=True).set_index("class")

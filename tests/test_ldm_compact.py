@@ -1,0 +1,133 @@
+"""ldm-compact on a tiny data set: loss drops, resume is exact, the pipeline reloads with diffusers."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from medsyn.training.ldm_compact import train_unet, train_vae
+
+TINY_VAE = {"block_out_channels": [8, 16], "norm_num_groups": 4}
+TINY_UNET = {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_head_dim": 4,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """16 x 16 images of two classes: a bright disc and a dark bar, with captions."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:16, 0:16]
+    records = []
+    for i in range(24):
+        disc = i % 2 == 0
+        image = np.full((16, 16, 3), 40, np.uint8)
+        if disc:
+            image[(yy - 8) ** 2 + (xx - 8) ** 2 < 20] = (230, 80, 80)
+        else:
+            image[:, 6:10] = (60, 200, 220)
+        image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+        name = f"images/{i:02x}.png"
+        Image.fromarray(image).save(root / name)
+        records.append({"file_name": name, "text": "A red disc." if disc else "A cyan bar.",
+                        "split": "validation" if i >= 20 else "train", "labels": ["disc" if disc else "bar"],
+                        "source": "tiny", "patient_id": f"tiny-{i}"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tiny_dataset, tmp_path_factory) -> dict:
+    return train_vae(tiny_dataset, tmp_path_factory.mktemp("vae"), steps=60, batch_size=8, lr=2e-3,
+                     adversarial_start=40, config=TINY_VAE, checkpoint_every=30, progress=False)
+
+
+def test_vae_loss_drops_and_the_latent_scale_is_set(tiny_vae):
+    history = tiny_vae["l1_history"]
+    assert np.mean(history[-10:]) < 0.6 * np.mean(history[:5])
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(tiny_vae["vae_dir"], local_files_only=True)
+    assert vae.config.scaling_factor == pytest.approx(tiny_vae["scaling_factor"])
+
+
+def _unet(tiny_dataset, tiny_vae, out, steps, **kw):
+    return train_unet(tiny_dataset, tiny_vae["vae_dir"], out, config=TINY_UNET, steps=steps, batch_size=8, lr=2e-3,
+                      lr_warmup_steps=2, checkpoint_every=kw.pop("checkpoint_every", 4), validation_every=0,
+                      progress=False, **kw)
+
+
+def test_unet_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_dataset, tiny_vae, tmp_path):
+    straight = _unet(tiny_dataset, tiny_vae, tmp_path / "straight", steps=8)
+    _unet(tiny_dataset, tiny_vae, tmp_path / "resumed", steps=4)
+    resumed = _unet(tiny_dataset, tiny_vae, tmp_path / "resumed", steps=8)
+    assert len(resumed["loss_history"]) == 4  # it continued from step 4
+    assert resumed["loss_history"] == straight["loss_history"][4:]
+    a = load_file(tmp_path / "straight" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # EMA weights, bitwise
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_dataset, tiny_vae, tmp_path):
+    full = _unet(tiny_dataset, tiny_vae, tmp_path / "full", steps=3, checkpoint_every=0)
+    accumulated = _unet(tiny_dataset, tiny_vae, tmp_path / "acc", steps=3, checkpoint_every=0, gradient_accumulation_steps=2)
+    a = load_file(tmp_path / "full" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "acc" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    # the same images in two halves, each half with its own noise draws: close, not identical
+    assert full["loss_history"] and accumulated["loss_history"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-2
+
+
+def test_unet_learns_and_the_pipeline_reloads_with_diffusers(tiny_dataset, tiny_vae, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from medsyn.sampling import generate, load_pipeline
+
+    result = _unet(tiny_dataset, tiny_vae, tmp_path / "run", steps=120, checkpoint_every=60)
+    history = result["loss_history"]
+    assert np.mean(history[-20:]) < 0.8 * np.mean(history[:10])
+    reloaded = StableDiffusionPipeline.from_pretrained(result["pipeline_dir"], local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    ours = load_pipeline(result["pipeline_dir"])
+    a = generate(reloaded, ["A red disc.", "A cyan bar."], per_prompt=2, seed=5, steps=10)
+    b = generate(ours, ["A red disc.", "A cyan bar."], per_prompt=2, seed=5, steps=10)
+    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+    # one image alone, from its recorded seed, is the same image
+    alone = reloaded("A cyan bar.", height=16, width=16, num_inference_steps=10, guidance_scale=4.0, output_type="np",
+                     generator=torch.Generator().manual_seed(a[3]["seed"])).images[0]
+    assert np.abs(np.rint(alone * 255) - a[3]["image"].astype(float)).max() <= 1
+    # samples stay bounded (v-prediction): the final latents are of the training latents' scale
+    latents = reloaded(["A red disc."] * 4, height=16, width=16, num_inference_steps=10, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(latents).all() and latents.abs().max() < 10
+    # the text encoder in the pipeline encodes prompts exactly as training did
+    from medsyn.models.text_encoders import load_text_encoder
+    cached = np.load(tmp_path / "run" / "cache" / "prompt_hidden_states.npy")
+    rows = json.loads((tmp_path / "run" / "cache" / "prompts.json").read_text())
+    embeds, _ = reloaded.encode_prompt(rows[1:], "cpu", 1, False)
+    torch.testing.assert_close(embeds, torch.from_numpy(cached[1:]), rtol=1e-5, atol=1e-5)
+    assert load_text_encoder("minilm").max_length == reloaded.tokenizer.model_max_length
+
+
+def test_missing_pretrained_directories_fail_at_once_naming_the_path(tiny_dataset, tmp_path):
+    from medsyn.models.text_encoders import load_text_encoder
+    from medsyn.sampling import load_pipeline
+
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        load_pipeline(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="tokenizer has no merges.txt"):
+        (tmp_path / "sdxl" / "tokenizer").mkdir(parents=True)
+        (tmp_path / "sdxl" / "tokenizer" / "vocab.json").write_text("{}")
+        load_text_encoder("sdxl", tmp_path / "sdxl")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "sdxl" / "text_encoder")):
+        (tmp_path / "sdxl" / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+        load_text_encoder("sdxl", tmp_path / "sdxl")
+    with pytest.raises(OSError, match="no_vae"):
+        train_unet(tiny_dataset, tmp_path / "no_vae", tmp_path / "out", steps=1, progress=False)
+    assert time.perf_counter() - start < 5

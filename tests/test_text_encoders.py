@@ -1,0 +1,78 @@
+"""Text encoders load from local directories only; tiny models saved here stand in for real weights."""
+
+import json
+
+import pytest
+import torch
+
+from medsyn.models.text_encoders import load_text_encoder, minilm_path
+
+
+def _clip_tokenizer_files(directory):
+    """A byte-level BPE vocabulary with no merges: every byte is a token (enough to tokenize anything)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    directory.mkdir(parents=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return len(vocab)
+
+
+def _clip_tower(directory, vocab_size, hidden, projection=False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+    torch.manual_seed(0)
+    (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(directory)
+
+
+def test_minilm_is_the_packaged_sentence_encoder():
+    encoder = load_text_encoder("minilm")
+    assert encoder.hidden_size == 384 and encoder.towers[0][1].num_parameters() > 2e7
+    out = encoder.encode(["Dermoscopy image showing melanoma.", ""])
+    assert out.hidden_states.shape == (2, 32, 384)
+    unpadded = encoder.towers[0][0]("Dermoscopy image showing melanoma.").input_ids  # [CLS] word pieces [SEP]
+    assert out.attention_mask.sum(1).tolist() == [len(unpadded), 2]
+    with pytest.raises(ValueError, match="list of prompts"):
+        encoder.encode("one string")
+
+
+def test_bert_like_encoder_from_a_local_directory(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(tmp_path)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path)
+    encoder = load_text_encoder("bert", tmp_path, max_length=16)
+    assert encoder.encode(["a chest X-ray"]).hidden_states.shape == (1, 16, 32)
+
+
+def test_clip_and_sdxl_layouts(tmp_path):
+    vocab = _clip_tokenizer_files(tmp_path / "sd" / "tokenizer")
+    _clip_tower(tmp_path / "sd" / "text_encoder", vocab, 32)
+    clip = load_text_encoder("clip", tmp_path / "sd")
+    assert clip.encode(["a polyp"]).hidden_states.shape == (1, 77, 32)
+
+    for suffix in ("", "_2"):
+        _clip_tokenizer_files(tmp_path / "xl" / f"tokenizer{suffix}")
+    _clip_tower(tmp_path / "xl" / "text_encoder", vocab, 32)
+    _clip_tower(tmp_path / "xl" / "text_encoder_2", vocab, 48, projection=True)
+    sdxl = load_text_encoder("sdxl", tmp_path / "xl")
+    out = sdxl.encode(["a polyp", ""])
+    assert sdxl.hidden_size == 80 and out.hidden_states.shape == (2, 77, 80)  # 32 + 48, concatenated
+    assert out.pooled.shape == (2, 48)
+    # the first 32 features are the first tower's penultimate layer, as SDXL uses it
+    ids = sdxl.towers[0][0](["a polyp"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    penultimate = sdxl.towers[0][1](ids, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(out.hidden_states[:1, :, :32], penultimate)
+
+
+def test_unknown_kind_and_missing_path():
+    with pytest.raises(ValueError, match="unknown text encoder kind"):
+        load_text_encoder("gpt")
+    with pytest.raises(ValueError, match="needs a local directory"):
+        load_text_encoder("t5")

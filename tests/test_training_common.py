@@ -1,0 +1,51 @@
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from medsyn.training.common import batch_indices, diffusion_target, min_snr_weights, sample_noise, step_generator
+
+
+def test_min_snr_weights_equal_min_snr_on_the_x0_error_for_epsilon_and_v():
+    """Closed form: w·‖target − pred‖² = min(SNR, γ)·‖x0 − x̂0‖² whatever the prediction."""
+    gamma = 5.0
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(64, 4, 8, 8, generator=g), torch.randn(64, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    for kind in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012, prediction_type=kind)
+        alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1).double()
+        sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1).double()
+        x_t = scheduler.add_noise(x0, noise, t).double()
+        target = diffusion_target(scheduler, x0, noise, t).double()
+        prediction = target + 0.3 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+        x0_hat = (x_t - sigma * prediction) / alpha if kind == "epsilon" else alpha * x_t - sigma * prediction
+        snr = compute_snr(scheduler, t).double()
+        weighted = min_snr_weights(snr, gamma, kind) * ((target - prediction) ** 2).mean(dim=(1, 2, 3))
+        expected = torch.clamp(snr, max=gamma) * ((x0.double() - x0_hat) ** 2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(weighted, expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(min_snr_weights(snr, None, "v_prediction"), torch.ones_like(snr))
+
+
+def test_batches_cover_each_epoch_once_and_are_a_function_of_the_step():
+    n, batch = 10, 4
+    drawn = np.concatenate([batch_indices(n, batch, seed=3, step=k) for k in range(5)])  # 20 = two epochs
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert np.array_equal(batch_indices(n, batch, 3, 4), batch_indices(n, batch, 3, 4))
+    assert not np.array_equal(batch_indices(n, batch, 3, 0), batch_indices(n, batch, 4, 0))
+
+
+def test_step_randomness_depends_only_on_seed_step_and_stream():
+    a = torch.randn(5, generator=step_generator(1, 7))
+    assert torch.equal(a, torch.randn(5, generator=step_generator(1, 7)))
+    assert not torch.equal(a, torch.randn(5, generator=step_generator(1, 8)))
+    assert not torch.equal(a, torch.randn(5, generator=step_generator(1, 7, stream=1)))
+
+
+def test_noise_offset_adds_a_per_channel_constant():
+    plain = sample_noise((2000, 3, 8, 8), step_generator(0, 0))
+    offset = sample_noise((2000, 3, 8, 8), step_generator(0, 0), offset=0.5)
+    channel_means = offset.mean(dim=(2, 3))
+    assert abs(plain.mean(dim=(2, 3)).std().item() - 1 / 8) < 0.02  # 64 iid values: std of mean = 1/8
+    assert abs(channel_means.std().item() - (0.25 + 1 / 64) ** 0.5) < 0.03
