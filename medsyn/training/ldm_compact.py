@@ -78,7 +78,7 @@ def make_vae(image_size: int, config: dict | None = None):
                          **cfg)
 
 
-def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, batch_size: int = 16, lr: float = 5e-4,
+def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, batch_size: int = 16, lr: float = 1e-3,
               kl_weight: float = 1e-6, adversarial_weight: float = 0.1, adversarial_start: int | None = None,
               config: dict | None = None, seed: int = 0, checkpoint_every: int = 200, resume: bool = True,
               mixed_precision: str = "no", progress: bool = True) -> dict:
@@ -95,8 +95,9 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
         batch_size: images per step (over all processes).
         lr: AdamW learning rate of autoencoder and discriminator.
         kl_weight: weight of the KL term.
-        adversarial_weight: weight of the generator's hinge term; 0 turns the discriminator off.
-        adversarial_start: step at which the adversarial term starts (default: half of `steps`).
+        adversarial_weight: weight of the generator's hinge term, times the adaptive balance of its
+            gradient against the reconstruction gradient; 0 turns the discriminator off.
+        adversarial_start: step at which the adversarial term starts (default: three quarters of `steps`).
         config: AutoencoderKL overrides of `VAE_CONFIG`.
         seed: seed of initialisation, batch order and sampling.
         checkpoint_every: steps between checkpoints.
@@ -127,7 +128,7 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
     checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
     if checkpoint:
         start = load_checkpoint(accelerator, checkpoint)["step"]
-    adversarial_start = steps // 2 if adversarial_start is None else adversarial_start
+    adversarial_start = 3 * steps // 4 if adversarial_start is None else adversarial_start
     rank, world = accelerator.process_index, accelerator.num_processes
 
     history = []
@@ -143,7 +144,14 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
             loss = l1 + kl_weight * kl
             adversarial = adversarial_weight > 0 and step >= adversarial_start
             if adversarial:
-                loss = loss - adversarial_weight * discriminator(reconstruction).mean()
+                g_loss = -discriminator(reconstruction).mean()
+                # adaptive weight (Esser et al. 2021, eq. 7): balance the two gradients at the decoder's
+                # last layer; a fixed weight let the adversarial term swamp reconstruction (measured)
+                last = accelerator.unwrap_model(autoencode).vae.decoder.conv_out.weight
+                g_rec = torch.autograd.grad(l1, last, retain_graph=True)[0]
+                g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+                balance = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+                loss = loss + adversarial_weight * balance * g_loss
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
