@@ -41,8 +41,8 @@ def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: in
     """
     if any(not p.strip() for p in prompts):
         raise ValueError("empty prompt: every prompt must say what to generate")
-    jobs = [(i, p, image_seed(seed, n)) for n, (i, p) in enumerate((i, p) for i, p in enumerate(prompts)
-                                                                    for _ in range(per_prompt))]
+    pairs = [(i, p) for i, p in enumerate(prompts) for _ in range(per_prompt)]
+    jobs = [(i, p, image_seed(seed, n)) for n, (i, p) in enumerate(pairs)]
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     out = []
     for start in range(0, len(jobs), batch_size):
