@@ -131,3 +131,29 @@ def test_missing_pretrained_directories_fail_at_once_naming_the_path(tiny_datase
     with pytest.raises(OSError, match="no_vae"):
         train_unet(tiny_dataset, tmp_path / "no_vae", tmp_path / "out", steps=1, progress=False)
     assert time.perf_counter() - start < 5
+
+
+def test_two_processes_train_the_same_model_as_one(tiny_dataset, tiny_vae, tmp_path):
+    """`accelerate launch --num_processes 2` on the CPU (gloo) with the same global batch gives the
+    weights of one process, up to the order of floating-point sums in the gradient all-reduce."""
+    import subprocess
+    import sys
+
+    one = _unet(tiny_dataset, tiny_vae, tmp_path / "one", steps=3, checkpoint_every=0)
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import json, sys\nfrom medsyn.training.ldm_compact import train_unet\n"
+        f"train_unet({str(tiny_dataset)!r}, {str(tiny_vae['vae_dir'])!r}, {str(tmp_path / 'two')!r}, "
+        f"config=json.loads({json.dumps(json.dumps(TINY_UNET))}), steps=3, batch_size=8, lr=2e-3, lr_warmup_steps=2, "
+        "checkpoint_every=0, validation_every=0, progress=False)\n"
+        "from accelerate import PartialState\nprint('processes', PartialState().num_processes, PartialState().backend)\n")
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("processes 2 gloo") == 2, run.stdout  # two CPU processes in one gloo group
+    a = load_file(tmp_path / "one" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "two" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    assert one["loss_history"]

@@ -21,6 +21,19 @@ from tqdm.auto import tqdm
 from medsyn.data.curate import read_metadata
 
 
+def make_accelerator(**kwargs):
+    """An `accelerate.Accelerator` that uses the CPU when there is no CUDA device.
+
+    accelerate runs several CPU processes as one gloo group only when asked for the CPU, so on a
+    machine without a GPU `accelerate launch --multi_gpu --num_processes 2 ...` then trains with two
+    CPU processes, as on GPUs."""
+    from accelerate import Accelerator
+
+    # medsyn's batch sizes are global (split over processes), so the LR scheduler steps once per
+    # optimizer step; accelerate's default would step it once per process and shorten warm-ups
+    return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False, **kwargs)
+
+
 # ---------------------------------------------------------------- data order and randomness
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
-from medsyn.training.common import (batch_indices, cache_images, diffusion_target, latest_checkpoint,
+from medsyn.training.common import (batch_indices, make_accelerator, cache_images, diffusion_target, latest_checkpoint,
                                     load_checkpoint, min_snr_weights, progress_bar, sample_noise, save_checkpoint,
                                     step_generator, to_model_range, training_records)
 
@@ -108,14 +108,16 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
     Returns:
         {'vae_dir', 'scaling_factor', 'validation_l1', 'l1_history'} (the L1 of each step run here).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = make_accelerator(mixed_precision=mixed_precision)
     set_seed(seed)
     records = training_records(dataset_dir)
-    images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
+    if batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {accelerator.num_processes} processes")
+    with accelerator.main_process_first():  # the main process writes the cache, the others then read it
+        images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
     vae = make_vae(images.shape[-1], config)
     latent_shape = (vae.config.latent_channels, *(n // 2 ** (len(vae.config.block_out_channels) - 1)
                                                   for n in images.shape[-2:]))
@@ -134,10 +136,12 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
     history = []
     bar = progress_bar(steps, start, "vae", progress and accelerator.is_local_main_process)
     for step in range(start, steps):
-        index = batch_indices(len(images), batch_size, seed, step)[rank::world]
+        # draws for the whole global batch, then this process's share: any number of processes sees
+        # the images and noise that one process would
+        mine = slice(rank, None, world)
+        index = batch_indices(len(images), batch_size, seed, step)[mine]
         x = to_model_range(images[index]).to(accelerator.device)
-        generator = step_generator(seed, step, rank)
-        eps = torch.randn((len(index), *latent_shape), generator=generator).to(x.device)
+        eps = torch.randn((batch_size, *latent_shape), generator=step_generator(seed, step))[mine].to(x.device)
         with accelerator.autocast():
             reconstruction, kl = autoencode(x, eps)
             l1 = (reconstruction - x).abs().mean()
@@ -186,7 +190,7 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
 
 # ---------------------------------------------------------------- the latent U-Net
 
-def cache_latent_moments(vae, images: np.ndarray, cache_dir: Path) -> tuple[np.memmap, np.memmap]:
+def cache_latent_moments(vae, images: np.ndarray, cache_dir: Path) -> None:
     """Posterior mean and std of every training image, as memory-mapped float32 `.npy` files; the
     frozen VAE runs once, and each step samples z = mean + std * ε from the cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -201,10 +205,9 @@ def cache_latent_moments(vae, images: np.ndarray, cache_dir: Path) -> tuple[np.m
             std[i:i + 64] = posterior.std.numpy()
     mean.flush()
     std.flush()
-    return np.load(cache_dir / "latent_mean.npy", mmap_mode="r"), np.load(cache_dir / "latent_std.npy", mmap_mode="r")
 
 
-def cache_prompt_embeddings(encoder, prompts: list[str], cache_dir: Path) -> np.memmap:
+def cache_prompt_embeddings(encoder, prompts: list[str], cache_dir: Path) -> None:
     """Hidden states of each distinct prompt, row 0 the empty (unconditional) prompt, memory-mapped."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows = [""] + prompts
@@ -215,7 +218,6 @@ def cache_prompt_embeddings(encoder, prompts: list[str], cache_dir: Path) -> np.
         array[i:i + 256] = encoder.encode(rows[i:i + 256]).hidden_states.numpy()
     array.flush()
     (cache_dir / "prompts.json").write_text(json.dumps(rows))
-    return np.load(path, mmap_mode="r")
 
 
 def build_pipeline(vae, encoder, unet, prediction_type: str):
@@ -275,14 +277,13 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     Returns:
         {'pipeline_dir', 'steps', 'loss_history'} (the loss of each step run here).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = make_accelerator(mixed_precision=mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_batch = batch_size // gradient_accumulation_steps
     if micro_batch * gradient_accumulation_steps != batch_size or micro_batch % world:
@@ -294,10 +295,15 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     vae = AutoencoderKL.from_pretrained(require_dir(vae_dir), local_files_only=True).eval().requires_grad_(False)
     encoder = load_text_encoder(text_encoder, text_encoder_path)
     records = training_records(dataset_dir)
-    images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
-    latent_mean, latent_std = cache_latent_moments(vae, images, out_dir / "cache")
     prompts = sorted({r["text"] for r in records})
-    hidden = cache_prompt_embeddings(encoder, prompts, out_dir / "cache")
+    cache = out_dir / "cache"
+    with accelerator.main_process_first():  # only the main process writes; the others wait, then read
+        if accelerator.is_main_process:
+            images = cache_images(dataset_dir, records, cache / "train_images.npy")
+            cache_latent_moments(vae, images, cache)
+            cache_prompt_embeddings(encoder, prompts, cache)
+    latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
+    hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the empty prompt
     scaling = vae.config.scaling_factor
 
@@ -323,14 +329,18 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     for step in range(start, steps):
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
-            index = batch_indices(len(records), micro_batch, seed, draw)[rank::world]
-            generator = step_generator(seed, draw, rank)
-            latents = torch.from_numpy(latent_mean[index] + latent_std[index] * torch.randn(
-                latent_mean[index].shape, generator=generator).numpy()) * scaling
-            rows = np.where(torch.rand(len(index), generator=generator).numpy() < caption_dropout, 0, prompt_of[index])
-            encoder_hidden_states = torch.from_numpy(hidden[rows])
-            noise = sample_noise(latents.shape, generator, noise_offset)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+            # draws for the whole global micro-batch, then this process's share: any number of
+            # processes trains on the images, noise and timesteps that one process would
+            mine = slice(rank, None, world)
+            index = batch_indices(len(records), micro_batch, seed, draw)[mine]
+            generator = step_generator(seed, draw)
+            shape = (micro_batch, *latent_mean.shape[1:])
+            eps = torch.randn(shape, generator=generator)[mine].numpy()
+            dropped = (torch.rand(micro_batch, generator=generator) < caption_dropout)[mine].numpy()
+            noise = sample_noise(shape, generator, noise_offset)[mine]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (micro_batch,), generator=generator)[mine]
+            latents = torch.from_numpy(latent_mean[index] + latent_std[index] * eps) * scaling
+            encoder_hidden_states = torch.from_numpy(hidden[np.where(dropped, 0, prompt_of[index])])
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             device = accelerator.device
