@@ -139,7 +139,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_dataset, tiny_vae, tmp_p
     import subprocess
     import sys
 
-    one = _unet(tiny_dataset, tiny_vae, tmp_path / "one", steps=3, checkpoint_every=0)
+    _unet(tiny_dataset, tiny_vae, tmp_path / "one", steps=3, checkpoint_every=0)
     script = tmp_path / "train.py"
     script.write_text(
         "import json, sys\nfrom medsyn.training.ldm_compact import train_unet\n"
@@ -156,4 +156,3 @@ def test_two_processes_train_the_same_model_as_one(tiny_dataset, tiny_vae, tmp_p
     b = load_file(tmp_path / "two" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, worst
-    assert one["loss_history"]

@@ -90,11 +90,6 @@ class TextEncoder:
                 outputs.append(model(input_ids=ids, attention_mask=mask)[0])
         return EncodedPrompts(hidden_states=torch.cat(outputs, dim=-1), attention_mask=mask, pooled=pooled)
 
-    def to(self, device) -> "TextEncoder":
-        for _, model in self.towers:
-            model.to(device)
-        return self
-
 
 def load_text_encoder(kind: str, path: str | Path | None = None, max_length: int | None = None) -> TextEncoder:
     """Load a text encoder from a local directory (see the module table).

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
-from medsyn.training.common import (batch_indices, make_accelerator, cache_images, diffusion_target, latest_checkpoint,
+from medsyn.training.common import (batch_indices, make_accelerator, cache_images, load_rgb, diffusion_target, latest_checkpoint,
                                     load_checkpoint, min_snr_weights, progress_bar, sample_noise, save_checkpoint,
                                     step_generator, to_model_range, training_records)
 
@@ -190,19 +190,20 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
 
 # ---------------------------------------------------------------- the latent U-Net
 
-def cache_latent_moments(vae, images: np.ndarray, cache_dir: Path) -> None:
+def cache_latent_moments(vae, dataset_dir: str | Path, records: list[dict], cache_dir: Path) -> None:
     """Posterior mean and std of every training image, as memory-mapped float32 `.npy` files; the
-    frozen VAE runs once, and each step samples z = mean + std * ε from the cache."""
+    frozen VAE reads each image once, and each step samples z = mean + std * ε from the cache."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    size = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (len(images), vae.config.latent_channels, size, size)
-    mean = np.lib.format.open_memmap(cache_dir / "latent_mean.npy", mode="w+", dtype=np.float32, shape=shape)
-    std = np.lib.format.open_memmap(cache_dir / "latent_std.npy", mode="w+", dtype=np.float32, shape=shape)
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            posterior = vae.encode(to_model_range(images[i:i + 64])).latent_dist
-            mean[i:i + 64] = posterior.mean.numpy()
-            std[i:i + 64] = posterior.std.numpy()
+    for start in range(0, len(records), 64):
+        batch = np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in records[start:start + 64]])
+        with torch.no_grad():
+            posterior = vae.encode(to_model_range(batch)).latent_dist
+        if start == 0:
+            shape = (len(records), *posterior.mean.shape[1:])
+            mean = np.lib.format.open_memmap(cache_dir / "latent_mean.npy", mode="w+", dtype=np.float32, shape=shape)
+            std = np.lib.format.open_memmap(cache_dir / "latent_std.npy", mode="w+", dtype=np.float32, shape=shape)
+        mean[start:start + 64] = posterior.mean.numpy()
+        std[start:start + 64] = posterior.std.numpy()
     mean.flush()
     std.flush()
 
@@ -299,8 +300,7 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
-            images = cache_images(dataset_dir, records, cache / "train_images.npy")
-            cache_latent_moments(vae, images, cache)
+            cache_latent_moments(vae, dataset_dir, records, cache)
             cache_prompt_embeddings(encoder, prompts, cache)
     latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")

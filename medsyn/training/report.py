@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medsyn.training.common import cache_images, to_model_range
+from medsyn.training.common import load_rgb, to_model_range
 
 
 def plot_loss(history: list[float], title: str, smooth: int = 50):
@@ -26,13 +26,13 @@ def plot_loss(history: list[float], title: str, smooth: int = 50):
 
 
 @torch.no_grad()
-def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: list[dict], cache_path: str | Path, n: int = 8):
+def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: list[dict], n: int = 8):
     """Real images (top) and their VAE reconstructions from the posterior mean (bottom)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
     picked = records[:: max(1, len(records) // n)][:n]
-    x = to_model_range(cache_images(dataset_dir, picked, cache_path))
+    x = to_model_range(np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in picked]))
     y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     fig, axes = plt.subplots(2, len(picked), figsize=(1.2 * len(picked), 2.6))
     for i in range(len(picked)):
