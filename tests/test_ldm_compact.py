@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from medsyn.training.ldm_compact import train_unet, train_vae
+from tiny_models import write_tiny_dataset
 
 TINY_VAE = {"block_out_channels": [8, 16], "norm_num_groups": 4}
 TINY_UNET = {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_head_dim": 4,
@@ -19,27 +19,7 @@ TINY_UNET = {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_he
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> Path:
-    """16 x 16 images of two classes: a bright disc and a dark bar, with captions."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:16, 0:16]
-    records = []
-    for i in range(24):
-        disc = i % 2 == 0
-        image = np.full((16, 16, 3), 40, np.uint8)
-        if disc:
-            image[(yy - 8) ** 2 + (xx - 8) ** 2 < 20] = (230, 80, 80)
-        else:
-            image[:, 6:10] = (60, 200, 220)
-        image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
-        name = f"images/{i:02x}.png"
-        Image.fromarray(image).save(root / name)
-        records.append({"file_name": name, "text": "A red disc." if disc else "A cyan bar.",
-                        "split": "validation" if i >= 20 else "train", "labels": ["disc" if disc else "bar"],
-                        "source": "tiny", "patient_id": f"tiny-{i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return root
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -1,33 +1,10 @@
 """Text encoders load from local directories only; tiny models saved here stand in for real weights."""
 
-import json
-
 import pytest
 import torch
 
 from medsyn.models.text_encoders import load_text_encoder, minilm_path
-
-
-def _clip_tokenizer_files(directory):
-    """A byte-level BPE vocabulary with no merges: every byte is a token (enough to tokenize anything)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    directory.mkdir(parents=True)
-    symbols = list(bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return len(vocab)
-
-
-def _clip_tower(directory, vocab_size, hidden, projection=False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
-                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
-    torch.manual_seed(0)
-    (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(directory)
+from tiny_models import clip_tokenizer_files, clip_tower
 
 
 def test_minilm_is_the_packaged_sentence_encoder():
@@ -52,15 +29,15 @@ def test_bert_like_encoder_from_a_local_directory(tmp_path):
 
 
 def test_clip_and_sdxl_layouts(tmp_path):
-    vocab = _clip_tokenizer_files(tmp_path / "sd" / "tokenizer")
-    _clip_tower(tmp_path / "sd" / "text_encoder", vocab, 32)
+    vocab = clip_tokenizer_files(tmp_path / "sd" / "tokenizer")
+    clip_tower(tmp_path / "sd" / "text_encoder", vocab, 32)
     clip = load_text_encoder("clip", tmp_path / "sd")
     assert clip.encode(["a polyp"]).hidden_states.shape == (1, 77, 32)
 
     for suffix in ("", "_2"):
-        _clip_tokenizer_files(tmp_path / "xl" / f"tokenizer{suffix}")
-    _clip_tower(tmp_path / "xl" / "text_encoder", vocab, 32)
-    _clip_tower(tmp_path / "xl" / "text_encoder_2", vocab, 48, projection=True)
+        clip_tokenizer_files(tmp_path / "xl" / f"tokenizer{suffix}")
+    clip_tower(tmp_path / "xl" / "text_encoder", vocab, 32)
+    clip_tower(tmp_path / "xl" / "text_encoder_2", vocab, 48, projection=True)
     sdxl = load_text_encoder("sdxl", tmp_path / "xl")
     out = sdxl.encode(["a polyp", ""])
     assert sdxl.hidden_size == 80 and out.hidden_states.shape == (2, 77, 80)  # 32 + 48, concatenated

@@ -11,6 +11,7 @@ that draws from the global generators.)
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,36 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for the random draws of one step (noise, timesteps, caption dropout)."""
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, stream]).integers(2 ** 62)))
+
+
+@dataclass
+class Draws:
+    """The random draws of one global (micro-)batch, this process's share.
+
+    index: dataset rows; eps: N(0, 1) for sampling latents from cached posteriors; noise: diffusion
+    noise; timesteps: diffusion timesteps; dropped: True where the caption is replaced by the
+    unconditional prompt."""
+
+    index: np.ndarray
+    eps: np.ndarray
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    dropped: np.ndarray
+
+
+def draw_batch(seed: int, draw: int, n: int, batch_size: int, latent_shape: tuple, num_train_timesteps: int,
+               caption_dropout: float, noise_offset: float = 0.0, rank: int = 0, world: int = 1) -> Draws:
+    """Everything random about global batch `draw`, drawn for the whole batch and then sliced to this
+    process: any number of processes trains on the images, noise and timesteps one process would."""
+    mine = slice(rank, None, world)
+    generator = step_generator(seed, draw)
+    shape = (batch_size, *latent_shape)
+    eps = torch.randn(shape, generator=generator)[mine].numpy()
+    dropped = (torch.rand(batch_size, generator=generator) < caption_dropout)[mine].numpy()
+    noise = sample_noise(shape, generator, noise_offset)[mine]
+    timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)[mine]
+    return Draws(index=batch_indices(n, batch_size, seed, draw)[mine], eps=eps, noise=noise, timesteps=timesteps,
+                 dropped=dropped)
 
 
 # ---------------------------------------------------------------- loss pieces
@@ -133,6 +164,54 @@ def cache_images(dataset_dir: str | Path, records: list[dict], cache_path: str |
     array.flush()
     index_path.write_text(json.dumps(names))
     return np.load(cache_path, mmap_mode="r")
+
+
+def cache_latent_moments(vae, dataset_dir: str | Path, records: list[dict], cache_dir: Path) -> None:
+    """Posterior mean and std of every training image, as memory-mapped float32 `.npy` files; the
+    frozen VAE (in float32: an fp16 SD/SDXL VAE overflows to black images) reads each image once, and
+    each step samples z = mean + std * ε from the cache."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if vae.dtype != torch.float32:
+        vae = vae.to(torch.float32)
+    for start in range(0, len(records), 64):
+        batch = np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in records[start:start + 64]])
+        with torch.no_grad():
+            posterior = vae.encode(to_model_range(batch).to(vae.device)).latent_dist
+        if start == 0:
+            shape = (len(records), *posterior.mean.shape[1:])
+            mean = np.lib.format.open_memmap(cache_dir / "latent_mean.npy", mode="w+", dtype=np.float32, shape=shape)
+            std = np.lib.format.open_memmap(cache_dir / "latent_std.npy", mode="w+", dtype=np.float32, shape=shape)
+        mean[start:start + 64] = posterior.mean.cpu().numpy()
+        std[start:start + 64] = posterior.std.cpu().numpy()
+    mean.flush()
+    std.flush()
+
+
+def cache_prompt_embeddings(encode, prompts: list[str], cache_dir: Path, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Encode each distinct prompt once into memory-mapped float32 files `prompt_<name>.npy`.
+
+    Args:
+        encode: list of prompts -> dict of tensors with a leading prompt axis (hidden states, and
+            whatever else the model needs: attention mask, pooled embedding).
+        prompts: the rows; by convention row 0 is the empty (unconditional) prompt.
+        cache_dir: where the files and `prompts.json` go.
+
+    Returns:
+        the arrays, memory-mapped, by name.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for start in range(0, len(prompts), batch_size):
+        for name, value in encode(prompts[start:start + batch_size]).items():
+            value = value.float().cpu().numpy()
+            if start == 0:
+                arrays[name] = np.lib.format.open_memmap(cache_dir / f"prompt_{name}.npy", mode="w+", dtype=np.float32,
+                                                         shape=(len(prompts), *value.shape[1:]))
+            arrays[name][start:start + batch_size] = value
+    for array in arrays.values():
+        array.flush()
+    (cache_dir / "prompts.json").write_text(json.dumps(prompts))
+    return {name: np.load(cache_dir / f"prompt_{name}.npy", mmap_mode="r") for name in arrays}
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:

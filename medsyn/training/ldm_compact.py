@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
-from medsyn.training.common import (batch_indices, make_accelerator, cache_images, load_rgb, diffusion_target, latest_checkpoint,
-                                    load_checkpoint, min_snr_weights, progress_bar, sample_noise, save_checkpoint,
-                                    step_generator, to_model_range, training_records)
+from medsyn.training.common import (batch_indices, cache_images, cache_latent_moments, cache_prompt_embeddings,
+                                    diffusion_target, draw_batch, latest_checkpoint, load_checkpoint, make_accelerator,
+                                    min_snr_weights, progress_bar, save_checkpoint, step_generator, to_model_range,
+                                    training_records)
 
 # A ~0.65 M-parameter VAE (x4 down-sampling, 4 latent channels) and a ~2 M-parameter U-Net: sizes that
 # learn the embedded classes on 2 CPU cores. The `paper` profile passes larger ones. Few channels per
@@ -190,37 +191,6 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
 
 # ---------------------------------------------------------------- the latent U-Net
 
-def cache_latent_moments(vae, dataset_dir: str | Path, records: list[dict], cache_dir: Path) -> None:
-    """Posterior mean and std of every training image, as memory-mapped float32 `.npy` files; the
-    frozen VAE reads each image once, and each step samples z = mean + std * ε from the cache."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(records), 64):
-        batch = np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in records[start:start + 64]])
-        with torch.no_grad():
-            posterior = vae.encode(to_model_range(batch)).latent_dist
-        if start == 0:
-            shape = (len(records), *posterior.mean.shape[1:])
-            mean = np.lib.format.open_memmap(cache_dir / "latent_mean.npy", mode="w+", dtype=np.float32, shape=shape)
-            std = np.lib.format.open_memmap(cache_dir / "latent_std.npy", mode="w+", dtype=np.float32, shape=shape)
-        mean[start:start + 64] = posterior.mean.numpy()
-        std[start:start + 64] = posterior.std.numpy()
-    mean.flush()
-    std.flush()
-
-
-def cache_prompt_embeddings(encoder, prompts: list[str], cache_dir: Path) -> None:
-    """Hidden states of each distinct prompt, row 0 the empty (unconditional) prompt, memory-mapped."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    rows = [""] + prompts
-    path = cache_dir / "prompt_hidden_states.npy"
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                      shape=(len(rows), encoder.max_length, encoder.hidden_size))
-    for i in range(0, len(rows), 256):
-        array[i:i + 256] = encoder.encode(rows[i:i + 256]).hidden_states.numpy()
-    array.flush()
-    (cache_dir / "prompts.json").write_text(json.dumps(rows))
-
-
 def build_pipeline(vae, encoder, unet, prediction_type: str):
     """A diffusers StableDiffusionPipeline around medsyn's components (DPM-Solver++ by default).
 
@@ -301,7 +271,8 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
             cache_latent_moments(vae, dataset_dir, records, cache)
-            cache_prompt_embeddings(encoder, prompts, cache)
+            cache_prompt_embeddings(lambda batch: {"hidden_states": encoder.encode(batch).hidden_states}, [""] + prompts,
+                                    cache)
     latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the empty prompt
@@ -329,18 +300,11 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     for step in range(start, steps):
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
-            # draws for the whole global micro-batch, then this process's share: any number of
-            # processes trains on the images, noise and timesteps that one process would
-            mine = slice(rank, None, world)
-            index = batch_indices(len(records), micro_batch, seed, draw)[mine]
-            generator = step_generator(seed, draw)
-            shape = (micro_batch, *latent_mean.shape[1:])
-            eps = torch.randn(shape, generator=generator)[mine].numpy()
-            dropped = (torch.rand(micro_batch, generator=generator) < caption_dropout)[mine].numpy()
-            noise = sample_noise(shape, generator, noise_offset)[mine]
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (micro_batch,), generator=generator)[mine]
-            latents = torch.from_numpy(latent_mean[index] + latent_std[index] * eps) * scaling
-            encoder_hidden_states = torch.from_numpy(hidden[np.where(dropped, 0, prompt_of[index])])
+            d = draw_batch(seed, draw, len(records), micro_batch, latent_mean.shape[1:],
+                           noise_scheduler.config.num_train_timesteps, caption_dropout, noise_offset, rank, world)
+            noise, timesteps = d.noise, d.timesteps
+            latents = torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) * scaling
+            encoder_hidden_states = torch.from_numpy(hidden[np.where(d.dropped, 0, prompt_of[d.index])])
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             device = accelerator.device

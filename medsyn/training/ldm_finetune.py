@@ -1,0 +1,251 @@
+"""ldm-finetune: a pretrained latent diffusion pipeline (SD 1.x or SDXL) held in a local directory,
+fine-tuned on the curated images as MediSyn (Cho et al.) fine-tunes SDXL: VAE and text encoders
+frozen, the U-Net trained with MSE on ε (or v, whatever the pipeline's scheduler predicts), constant
+learning rate 1e-5, captions dropped 10 % of the time for classifier-free guidance, bf16 on a GPU.
+Optionally only LoRA adapters (peft) are trained, as MSDM does for its large baselines.
+
+On the embedded `default` profile the "pretrained" pipeline is the ldm-compact one medsyn trained
+itself, loaded through exactly this code. One loop, top to bottom: `finetune_unet`.
+"""
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsyn.models.text_encoders import require_dir
+from medsyn.training.common import (cache_latent_moments, cache_prompt_embeddings, diffusion_target, draw_batch,
+                                    latest_checkpoint, load_checkpoint, make_accelerator, min_snr_weights, progress_bar,
+                                    save_checkpoint, training_records)
+
+# the attention projections of every transformer block: where MSDM's and diffusers' LoRA scripts put adapters
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def load_pretrained(pretrained_dir: str | Path):
+    """A Stable Diffusion (1.x) or SDXL pipeline from a local directory; nothing reaches the network."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(require_dir(pretrained_dir, ("model_index.json",)), local_files_only=True)
+    if not hasattr(pipeline, "unet"):
+        raise ValueError(f"{pretrained_dir} holds a {type(pipeline).__name__}; ldm-finetune trains U-Net pipelines "
+                         "(SD 1.x, SDXL). PixArt transformers are trained by medsyn.training.dit_hldf")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def encode_with_pipeline(pipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Prompt embeddings exactly as the pipeline computes them at sampling time.
+
+    The empty prompt becomes the pipeline's own unconditional embedding, so that dropped captions
+    train what classifier-free guidance later uses: for SDXL with `force_zeros_for_empty_prompt`
+    that is all zeros, not the encoded empty string."""
+    with torch.no_grad():
+        if is_sdxl(pipeline):
+            hidden, _, pooled, _ = pipeline.encode_prompt(prompt=list(prompts), device=pipeline.device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+            if pipeline.config.force_zeros_for_empty_prompt:
+                empty = torch.tensor([not p for p in prompts])
+                hidden, pooled = hidden.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+            return {"hidden_states": hidden, "pooled": pooled}
+        hidden, _ = pipeline.encode_prompt(list(prompts), pipeline.device, 1, False)
+        return {"hidden_states": hidden}
+
+
+def is_sdxl(pipeline) -> bool:
+    return hasattr(pipeline, "text_encoder_2")
+
+
+def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: str | Path, steps: int = 1000,
+                  batch_size: int = 16, gradient_accumulation_steps: int = 1, lr: float = 1e-5,
+                  lr_warmup_steps: int = 0, lora_rank: int | None = None, lora_alpha: float | None = None,
+                  ema_decay: float | None = None, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                  caption_dropout: float = 0.1, max_grad_norm: float = 1.0, mixed_precision: str = "no",
+                  gradient_checkpointing: bool = False, checkpoint_every: int = 500, validation_every: int = 500,
+                  validation_prompts: list[str] | None = None, guidance_scale: float = 7.0, sampling_steps: int = 25,
+                  seed: int = 0, resume: bool = True, progress: bool = True) -> dict:
+    """Fine-tune the U-Net of a local SD 1.x / SDXL pipeline; save the result to `<out_dir>/pipeline`.
+
+    The defaults are MediSyn's recipe (full U-Net, MSE, constant LR 1e-5, 10 % caption dropout). The
+    loss is the MSE on the scheduler's own target (`prediction_type` of the pretrained scheduler), with
+    optional Min-SNR-γ weights. With `lora_rank`, only LoRA adapters on the attention projections are
+    trained; they are saved on their own (`<out_dir>/lora`, diffusers' `load_lora_weights` format) and
+    merged into the saved pipeline.
+
+    Args:
+        dataset_dir: curated dataset; the training split is used.
+        pretrained_dir: the pretrained pipeline directory (`model_index.json`, `unet/`, `vae/`, text encoders).
+        out_dir: checkpoints, caches, validation grids, `pipeline/` (and `lora/`).
+        steps: optimizer steps; batch_size: images per optimizer step over all processes and
+            accumulation steps; gradient_accumulation_steps: micro-batches per optimizer step.
+        lr, lr_warmup_steps: AdamW learning rate, constant after an optional linear warm-up.
+        lora_rank, lora_alpha: LoRA rank (None: train the whole U-Net) and scale (default: the rank).
+        ema_decay: EMA of the trained weights, saved instead of the raw weights (None: no EMA).
+        snr_gamma: Min-SNR γ; None for plain MSE (MediSyn).
+        noise_offset: noise-offset strength (0: off).
+        caption_dropout: probability of training on the unconditional prompt.
+        max_grad_norm: gradient clipping.
+        mixed_precision: accelerate's 'no', 'fp16' or 'bf16'; the frozen VAE always encodes in float32.
+        gradient_checkpointing: trade compute for memory in the U-Net.
+        checkpoint_every, validation_every: steps between checkpoints / validation grids (0: never).
+        validation_prompts: prompts of the validation grid (default: up to 8 distinct captions).
+        guidance_scale, sampling_steps: sampler settings of the validation grid.
+        seed: seed of batch order and every random draw.
+        resume: continue from the newest checkpoint in `<out_dir>/checkpoints`.
+        progress: show a progress bar.
+
+    Returns:
+        {'pipeline_dir', 'lora_dir' (or None), 'steps', 'trained_parameters', 'loss_history'}.
+    """
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(mixed_precision=mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro_batch = batch_size // gradient_accumulation_steps
+    if micro_batch * gradient_accumulation_steps != batch_size or micro_batch % world:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
+                         f"steps and {world} processes")
+    set_seed(seed)
+
+    # the pretrained pipeline; everything but the U-Net stays frozen, and the caches are filled once
+    pipeline = load_pretrained(pretrained_dir).to(accelerator.device)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipeline, name, None) is not None:
+            getattr(pipeline, name).eval().requires_grad_(False)
+    records = training_records(dataset_dir)
+    prompts = sorted({r["text"] for r in records})
+    cache = out_dir / "cache"
+    with accelerator.main_process_first():  # only the main process writes; the others wait, then read
+        if accelerator.is_main_process:
+            cache_latent_moments(pipeline.vae, dataset_dir, records, cache)
+            cache_prompt_embeddings(lambda batch: encode_with_pipeline(pipeline, batch), [""] + prompts, cache)
+    latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
+    hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
+    pooled = np.load(cache / "prompt_pooled.npy", mmap_mode="r") if is_sdxl(pipeline) else None
+    prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the unconditional prompt
+    scaling = pipeline.vae.config.scaling_factor
+    shift = getattr(pipeline.vae.config, "shift_factor", None) or 0.0
+    if latent_mean.shape[-1] != pipeline.unet.config.sample_size:
+        print(f"note: training at {latent_mean.shape[-1]} latent pixels; the U-Net was configured for "
+              f"{pipeline.unet.config.sample_size}")
+
+    unet = pipeline.unet.train()
+    if lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    prediction_type = pipeline.scheduler.config.prediction_type
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    ema = EMAModel(trainable, decay=ema_decay) if ema_decay else None
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-2)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema:
+        accelerator.register_for_checkpointing(ema)
+    start = 0
+    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    if checkpoint:
+        start = load_checkpoint(accelerator, checkpoint)["step"]
+    validation_prompts = validation_prompts or prompts[:8]
+    # SDXL's micro-conditioning: original size, crop corner, target size (curated images are centre crops)
+    size = latent_mean.shape[-1] * pipeline.vae_scale_factor
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+
+    history = []
+    bar = progress_bar(steps, start, "finetune", progress and accelerator.is_local_main_process)
+    for step in range(start, steps):
+        for micro in range(gradient_accumulation_steps):
+            draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
+            d = draw_batch(seed, draw, len(records), micro_batch, latent_mean.shape[1:],
+                           noise_scheduler.config.num_train_timesteps, caption_dropout, noise_offset, rank, world)
+            latents = (torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) - shift) * scaling
+            rows = np.where(d.dropped, 0, prompt_of[d.index])
+            device = accelerator.device
+            conditioning = {"encoder_hidden_states": torch.from_numpy(hidden[rows]).to(device)}
+            if pooled is not None:
+                conditioning["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled[rows]).to(device),
+                                                     "time_ids": time_ids.repeat(len(rows), 1).to(device)}
+            noisy = noise_scheduler.add_noise(latents, d.noise, d.timesteps)
+            target = diffusion_target(noise_scheduler, latents, d.noise, d.timesteps)
+            sync = micro == gradient_accumulation_steps - 1
+            with accelerator.autocast(), (nullcontext() if sync else accelerator.no_sync(unet)):
+                prediction = unet(noisy.to(device), d.timesteps.to(device), **conditioning).sample
+                per_sample = ((prediction.float() - target.to(device)) ** 2).mean(dim=(1, 2, 3))
+                weights = min_snr_weights(compute_snr(noise_scheduler, d.timesteps), snr_gamma, prediction_type)
+                loss = (weights.to(device) * per_sample).mean() / gradient_accumulation_steps
+                accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.step(trainable)
+        history.append(loss.item() * gradient_accumulation_steps)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        done = step + 1
+        if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+        if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
+            with _ema_weights(ema, trainable):
+                _validation_grid(pipeline, accelerator.unwrap_model(unet), validation_prompts, guidance_scale,
+                                 sampling_steps, seed, out_dir / "validation" / f"step_{done:07d}.png")
+    bar.close()
+
+    final = accelerator.unwrap_model(unet)
+    pipeline_dir, lora_dir = out_dir / "pipeline", (out_dir / "lora" if lora_rank else None)
+    with _ema_weights(ema, trainable):
+        if accelerator.is_main_process:
+            pipeline.unet = final
+            if lora_rank:
+                _save_lora(pipeline, final, lora_dir)
+                final.fuse_lora()  # merge the adapters, then drop them: the saved U-Net is a plain U-Net
+                final.unload_lora()
+            pipeline.save_pretrained(pipeline_dir)
+    accelerator.wait_for_everyone()
+    return {"pipeline_dir": pipeline_dir, "lora_dir": lora_dir, "steps": steps,
+            "trained_parameters": sum(p.numel() for p in trainable), "loss_history": history}
+
+
+@contextmanager
+def _ema_weights(ema, parameters):
+    """Within the block the trained parameters hold their EMA (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def _save_lora(pipeline, unet, lora_dir: Path) -> None:
+    """The adapters alone, in the format `pipeline.load_lora_weights(lora_dir)` reads."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    type(pipeline).save_lora_weights(lora_dir, unet_lora_layers=layers)
+
+
+def _validation_grid(pipeline, unet, prompts, guidance_scale, sampling_steps, seed, path: Path) -> None:
+    """Sample each validation prompt twice with the current (EMA) weights and save one grid image."""
+    from medsyn.sampling import generate, image_grid
+
+    pipeline.unet = unet.eval()
+    samples = generate(pipeline, prompts, per_prompt=2, seed=seed, steps=sampling_steps, guidance_scale=guidance_scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([s["image"] for s in samples], columns=2 * 4).save(path)
+    unet.train()
