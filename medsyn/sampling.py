@@ -1,5 +1,6 @@
 """Sampling from a saved pipeline: every image carries the seed that regenerates it on its own."""
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,18 @@ def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: in
         raise ValueError("empty prompt: every prompt must say what to generate")
     pairs = [(i, p) for i, p in enumerate(prompts) for _ in range(per_prompt)]
     jobs = [(i, p, image_seed(seed, n)) for n, (i, p) in enumerate(pairs)]
-    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
+    size = denoiser.config.sample_size * pipeline.vae_scale_factor
+    options = {}
+    if hasattr(pipeline, "transformer") and "clean_caption" in inspect.signature(pipeline.__call__).parameters:
+        # PixArt: the prompt as trained (no caption cleaning), at the trained size (no aspect-ratio bins)
+        options = {"clean_caption": False, "use_resolution_binning": False}
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         images = pipeline([p for _, p, _ in chunk], height=size, width=size, num_inference_steps=steps,
                           guidance_scale=guidance_scale, output_type="np",
-                          generator=[torch.Generator().manual_seed(s) for _, _, s in chunk]).images
+                          generator=[torch.Generator().manual_seed(s) for _, _, s in chunk], **options).images
         for (i, p, s), image in zip(chunk, images):
             out.append({"prompt_id": i, "prompt": p, "seed": s, "image": np.rint(image * 255).astype(np.uint8)})
     return out

@@ -11,6 +11,7 @@ that draws from the global generators.)
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,6 +266,29 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> dict:
     """Restore what `save_checkpoint` wrote; return its trainer state (with `step`)."""
     accelerator.load_state(str(checkpoint))
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
+@contextmanager
+def ema_weights(ema, parameters):
+    """Within the block the trained parameters hold their EMA (diffusers' EMAModel; no-op for None)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def save_validation_grid(pipeline, prompts: list[str], guidance_scale: float, steps: int, seed: int, path: Path) -> None:
+    """Sample each validation prompt twice with the pipeline as it is and save one grid image."""
+    from medsyn.sampling import generate, image_grid
+
+    samples = generate(pipeline, prompts, per_prompt=2, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([s["image"] for s in samples], columns=2 * 4).save(path)
 
 
 def progress_bar(total: int, start: int, desc: str, enabled: bool):

@@ -18,9 +18,9 @@ from torch import nn
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.training.common import (batch_indices, cache_images, cache_latent_moments, cache_prompt_embeddings,
-                                    diffusion_target, draw_batch, latest_checkpoint, load_checkpoint, make_accelerator,
-                                    min_snr_weights, progress_bar, save_checkpoint, step_generator, to_model_range,
-                                    training_records)
+                                    diffusion_target, draw_batch, ema_weights, latest_checkpoint, load_checkpoint,
+                                    make_accelerator, min_snr_weights, progress_bar, save_checkpoint,
+                                    save_validation_grid, step_generator, to_model_range, training_records)
 
 # A ~0.65 M-parameter VAE (x4 down-sampling, 4 latent channels) and a ~2 M-parameter U-Net: sizes that
 # learn the embedded classes on 2 CPU cores. The `paper` profile passes larger ones. Few channels per
@@ -327,8 +327,12 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
-            _validation_grid(accelerator.unwrap_model(unet), ema, vae, encoder, prediction_type, validation_prompts,
-                             guidance_scale, seed, out_dir / "validation" / f"step_{done:07d}.png")
+            with ema_weights(ema, unet.parameters()):
+                pipeline = build_pipeline(vae, encoder, accelerator.unwrap_model(unet).eval(), prediction_type)
+                pipeline.set_progress_bar_config(disable=True)
+                save_validation_grid(pipeline, validation_prompts, guidance_scale, 25, seed,
+                                     out_dir / "validation" / f"step_{done:07d}.png")
+                unet.train()
     bar.close()
 
     pipeline_dir = out_dir / "pipeline"
@@ -340,19 +344,3 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     ema.restore(final.parameters())
     accelerator.wait_for_everyone()
     return {"pipeline_dir": pipeline_dir, "steps": steps, "loss_history": history}
-
-
-def _validation_grid(unet, ema, vae, encoder, prediction_type, prompts, guidance_scale, seed, path: Path) -> None:
-    """Sample each validation prompt twice with the EMA weights and save one grid image."""
-    from medsyn.sampling import generate, image_grid
-
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    unet.eval()
-    pipeline = build_pipeline(vae, encoder, unet, prediction_type)
-    pipeline.set_progress_bar_config(disable=True)
-    samples = generate(pipeline, prompts, per_prompt=2, seed=seed, guidance_scale=guidance_scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([s["image"] for s in samples], columns=2 * 4).save(path)
-    unet.train()
-    ema.restore(unet.parameters())

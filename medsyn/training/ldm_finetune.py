@@ -8,7 +8,7 @@ On the embedded `default` profile the "pretrained" pipeline is the ldm-compact o
 itself, loaded through exactly this code. One loop, top to bottom: `finetune_unet`.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,8 @@ import torch
 
 from medsyn.models.text_encoders import require_dir
 from medsyn.training.common import (cache_latent_moments, cache_prompt_embeddings, diffusion_target, draw_batch,
-                                    latest_checkpoint, load_checkpoint, make_accelerator, min_snr_weights, progress_bar,
-                                    save_checkpoint, training_records)
+                                    ema_weights, latest_checkpoint, load_checkpoint, make_accelerator, min_snr_weights,
+                                    progress_bar, save_checkpoint, save_validation_grid, training_records)
 
 # the attention projections of every transformer block: where MSDM's and diffusers' LoRA scripts put adapters
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -197,14 +197,16 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
-            with _ema_weights(ema, trainable):
-                _validation_grid(pipeline, accelerator.unwrap_model(unet), validation_prompts, guidance_scale,
-                                 sampling_steps, seed, out_dir / "validation" / f"step_{done:07d}.png")
+            with ema_weights(ema, trainable):
+                pipeline.unet = accelerator.unwrap_model(unet).eval()
+                save_validation_grid(pipeline, validation_prompts, guidance_scale, sampling_steps, seed,
+                                     out_dir / "validation" / f"step_{done:07d}.png")
+                unet.train()
     bar.close()
 
     final = accelerator.unwrap_model(unet)
     pipeline_dir, lora_dir = out_dir / "pipeline", (out_dir / "lora" if lora_rank else None)
-    with _ema_weights(ema, trainable):
+    with ema_weights(ema, trainable):
         if accelerator.is_main_process:
             pipeline.unet = final
             if lora_rank:
@@ -217,20 +219,6 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
             "trained_parameters": sum(p.numel() for p in trainable), "loss_history": history}
 
 
-@contextmanager
-def _ema_weights(ema, parameters):
-    """Within the block the trained parameters hold their EMA (no-op without EMA)."""
-    if ema is None:
-        yield
-        return
-    ema.store(parameters)
-    ema.copy_to(parameters)
-    try:
-        yield
-    finally:
-        ema.restore(parameters)
-
-
 def _save_lora(pipeline, unet, lora_dir: Path) -> None:
     """The adapters alone, in the format `pipeline.load_lora_weights(lora_dir)` reads."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -238,14 +226,3 @@ def _save_lora(pipeline, unet, lora_dir: Path) -> None:
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     type(pipeline).save_lora_weights(lora_dir, unet_lora_layers=layers)
-
-
-def _validation_grid(pipeline, unet, prompts, guidance_scale, sampling_steps, seed, path: Path) -> None:
-    """Sample each validation prompt twice with the current (EMA) weights and save one grid image."""
-    from medsyn.sampling import generate, image_grid
-
-    pipeline.unet = unet.eval()
-    samples = generate(pipeline, prompts, per_prompt=2, seed=seed, steps=sampling_steps, guidance_scale=guidance_scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([s["image"] for s in samples], columns=2 * 4).save(path)
-    unet.train()
