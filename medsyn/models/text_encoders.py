@@ -8,6 +8,9 @@
 | `sdxl` | SDXL's two CLIP towers, penultimate hidden states concatenated (768 + 1280), plus the pooled projection | `<pipeline>/text_encoder{,_2}`, `<pipeline>/tokenizer{,_2}` |
 | `t5` | PixArt-α's T5 encoder (120 tokens, with attention mask) | `<pipeline>/text_encoder`, `<pipeline>/tokenizer` |
 
+medsyn's own domain CLIP (`medsyn.models.domain_clip`) is used as kind `clip` after
+`export_text_encoder` has written its text tower in the SD 1.x layout.
+
 Nothing here reaches the network: every load is `local_files_only`, and a missing directory or
 file is a `FileNotFoundError` naming it.
 """

@@ -10,17 +10,20 @@ import torch
 from medsyn.training.common import load_rgb, to_model_range
 
 
-def plot_loss(history: list[float], title: str, smooth: int = 50):
-    """Per-step loss (light) and its running mean over `smooth` steps."""
-    fig, ax = plt.subplots(figsize=(6, 3))
-    steps = np.arange(1, len(history) + 1)
-    ax.plot(steps, history, color="#4C72B0", alpha=0.3, lw=0.8)
-    if len(history) >= smooth:
-        ax.plot(steps[smooth - 1:], np.convolve(history, np.ones(smooth) / smooth, mode="valid"), color="#4C72B0")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
+def plot_loss(history: list[float] | dict[str, list[float]], title: str, smooth: int = 50):
+    """Per-step loss (light) and its running mean over `smooth` steps; a dict gives one panel per curve."""
+    curves = history if isinstance(history, dict) else {"loss": history}
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 3), squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
+        steps = np.arange(1, len(values) + 1)
+        ax.plot(steps, values, color="#4C72B0", alpha=0.3, lw=0.8)
+        if len(values) >= smooth:
+            ax.plot(steps[smooth - 1:], np.convolve(values, np.ones(smooth) / smooth, mode="valid"), color="#4C72B0")
+        if min(values, default=0) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -65,3 +68,43 @@ def alignment_table(result: dict, family: str) -> pd.DataFrame:
     table = pd.DataFrame({"class": list(result["per_class"]), family: list(result["per_class"].values())})
     macro = pd.DataFrame({"class": ["macro mean"], family: [result["macro_accuracy"]]})
     return pd.concat([table, macro], ignore_index=True).set_index("class")
+
+
+def judge_alignment(pipeline_dir: str | Path, prompts: dict[str, str], probe_path: str | Path, family: str,
+                    figures_dir: str | Path, parameters: dict, samples_per_prompt: int = 8, sampling_steps: int = 25,
+                    guidance_scale: float = 4.0, seed: int = 0) -> dict:
+    """The embedded reader study (MediSyn Fig. 3): sample each class prompt, let the classifier trained
+    only on real images name each sample's class, and write `<family>_samples.png`,
+    `alignment_<family>.csv` and `alignment_<family>.png` (family with '_' for '-') with provenance.
+
+    Args:
+        pipeline_dir: a saved text-to-image pipeline.
+        prompts: class name -> prompt (`medsyn.data.tables.class_prompts`).
+        probe_path: the class probe saved by 01_curate.
+        family: the generator family, for titles, columns and file names.
+        figures_dir: where figures and tables go.
+        parameters: the notebook's parameters, for provenance.
+        samples_per_prompt, sampling_steps, guidance_scale, seed: the sampling run.
+
+    Returns:
+        the probe's result (accuracy, macro_accuracy, per_class, n) plus `seconds_per_image`.
+    """
+    import time
+
+    from medsyn.metrics.class_probe import TrainedProbe, plot_per_class_accuracy
+    from medsyn.records import save_figure, save_table
+    from medsyn.sampling import generate, load_pipeline
+
+    figures, stem = Path(figures_dir), family.replace("-", "_")
+    pipeline = load_pipeline(pipeline_dir)
+    started = time.perf_counter()
+    samples = generate(pipeline, list(prompts.values()), per_prompt=samples_per_prompt, seed=seed,
+                       steps=sampling_steps, guidance_scale=guidance_scale)
+    seconds = (time.perf_counter() - started) / len(samples)
+    save_figure(plot_samples_by_prompt(samples, prompts), figures / f"{stem}_samples.png", parameters, [pipeline_dir])
+    images = torch.stack([torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 255 for s in samples])
+    result = TrainedProbe.load(probe_path).accuracy_of(images, [list(prompts)[s["prompt_id"]] for s in samples])
+    save_table(alignment_table(result, family), figures / f"alignment_{stem}.csv", parameters, [pipeline_dir, probe_path])
+    save_figure(plot_per_class_accuracy(result, f"{family}: generated images recognised as their prompted class"),
+                figures / f"alignment_{stem}.png", parameters, [pipeline_dir, probe_path])
+    return {**result, "seconds_per_image": seconds}

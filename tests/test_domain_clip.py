@@ -1,0 +1,48 @@
+"""The domain CLIP: trained with open_clip on a tiny data set it tells the classes apart, reloads
+from its local directory, and its exported transformers text tower computes open_clip's token states."""
+
+import numpy as np
+import pytest
+import torch
+
+from medsyn.models.domain_clip import (embed_texts, export_text_encoder, load_domain_clip, token_states,
+                                       train_domain_clip)
+from tiny_models import write_tiny_dataset
+
+SMALL = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("clip")
+    data = write_tiny_dataset(root / "data", size=32, n=48)
+    return {"data": data, **train_domain_clip(data, root / "run", epochs=25, batch_size=16, lr=1e-3, config=SMALL,
+                                              progress=False)}
+
+
+def test_domain_clip_learns_the_classes(clip):
+    history = clip["loss_history"]
+    # two captions, 8 of each per batch of 16: identical captions cannot be told apart, so the
+    # contrastive loss cannot go below log 8; it should get there
+    assert np.mean(history[:3]) > np.log(8) + 0.3 and np.mean(history[-5:]) < np.log(8) + 0.1
+    assert clip["zero_shot_accuracy"] == 1.0  # two easy classes, held-out images
+
+
+def test_reloads_and_the_exported_text_tower_matches_open_clip(clip, tmp_path):
+    from medsyn.models.text_encoders import load_text_encoder
+
+    model, tokenizer = load_domain_clip(clip["model_dir"])
+    a = embed_texts(model, tokenizer, ["A red disc.", "A cyan bar."])
+    assert torch.allclose(a.norm(dim=-1), torch.ones(2))
+    exported = export_text_encoder(clip["model_dir"], tmp_path / "exported")
+    encoder = load_text_encoder("clip", exported, max_length=16)
+    prompts = ["A red disc.", "A cyan bar.", ""]
+    ours = encoder.encode(prompts).hidden_states
+    reference = token_states(model, tokenizer(prompts))
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_clip"):
+        load_domain_clip(tmp_path / "no_clip")
