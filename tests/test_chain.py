@@ -27,6 +27,12 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path):
     # 02_train_ldm: a pipeline diffusers loads, and the alignment table of its samples
     assert (run_dir / "models" / "ldm_compact" / "unet_training" / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "figures" / "alignment_ldm_compact.csv.provenance.json").is_file()
+    # the fine-tune (of the compact pipeline), the DiT with HLDF, the domain CLIP and its exported text tower
+    for family, pipeline in (("ldm_finetune", "ldm_finetune/pipeline"), ("dit_hldf", "dit_hldf/pipeline")):
+        assert (run_dir / "models" / pipeline / "model_index.json").is_file(), family
+        assert (run_dir / "figures" / f"alignment_{family}.csv.provenance.json").is_file(), family
+    assert (run_dir / "models" / "domain_clip" / "model" / "open_clip_config.json").is_file()
+    assert (run_dir / "models" / "domain_clip" / "text_encoder_sd" / "text_encoder" / "config.json").is_file()
 
 
 def _notebook(path, cells):
