@@ -101,11 +101,20 @@ def test_pipeline_reloads_with_diffusers_and_encodes_as_trained(tiny, tmp_path):
     b = generate(load_pipeline(result["pipeline_dir"]), ["A red disc.", "A cyan bar."], per_prompt=1, seed=2, steps=5)
     assert a[0]["image"].shape == (16, 16, 3)
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+    # training cached 32-token prompts (MiniLM's length); the pipeline samples with 120: the same
+    # embeddings where tokens are real, and padding that is masked out
     cache = tmp_path / "run" / "cache"
     rows = json.loads((cache / "prompts.json").read_text())
     embeds, mask, _, _ = reloaded.encode_prompt(rows, do_classifier_free_guidance=False, clean_caption=False)
-    torch.testing.assert_close(embeds, torch.from_numpy(np.load(cache / "prompt_hidden_states.npy")), atol=1e-5, rtol=1e-5)
-    assert torch.equal(mask.float(), torch.from_numpy(np.load(cache / "prompt_attention_mask.npy")))
+    cached, cached_mask = np.load(cache / "prompt_hidden_states.npy"), np.load(cache / "prompt_attention_mask.npy")
+    assert cached.shape[1] == 32 and embeds.shape[1] == 120
+    assert torch.equal(mask[:, :32].float(), torch.from_numpy(cached_mask)) and not mask[:, 32:].any()
+    real = torch.from_numpy(cached_mask).bool()
+    torch.testing.assert_close(embeds[:, :32][real], torch.from_numpy(cached)[real], atol=1e-5, rtol=1e-5)
+    short, long = (reloaded("A red disc.", num_inference_steps=5, height=16, width=16, output_type="np",
+                            generator=torch.Generator().manual_seed(0), clean_caption=False,
+                            use_resolution_binning=False, max_sequence_length=n).images for n in (32, 120))
+    assert np.abs(short - long).max() < 1e-4
 
 
 def test_lora_on_a_pretrained_learned_sigma_pixart(tiny, tmp_path):

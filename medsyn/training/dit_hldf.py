@@ -62,6 +62,7 @@ def build_pipeline(vae_dir: str | Path, text_encoder: str, text_encoder_path: st
     vae = AutoencoderKL.from_pretrained(require_dir(vae_dir), local_files_only=True)
     encoder = load_text_encoder(text_encoder, text_encoder_path)
     tokenizer, text_model = encoder.towers[0]
+    tokenizer.model_max_length = encoder.max_length
     cfg = {**TRANSFORMER_CONFIG, **(config or {})}
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     transformer = PixArtTransformer2DModel(sample_size=latent_size, in_channels=vae.config.latent_channels,
@@ -82,12 +83,17 @@ def load_pretrained(pretrained_dir: str | Path):
     return pipeline
 
 
-def encode_with_pipeline(pipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
+def encode_with_pipeline(pipeline, prompts: list[str], max_sequence_length: int = 120) -> dict[str, torch.Tensor]:
     """Prompt embeddings and attention masks exactly as `PixArtAlphaPipeline.__call__` computes them
-    (the empty prompt is its unconditional prompt)."""
+    (the empty prompt is its unconditional prompt).
+
+    The pipeline samples with 120 tokens; a shorter `max_sequence_length` gives the same result for
+    every prompt that fits: the encoder attends only to real tokens, and the transformer's
+    cross-attention masks padding out."""
     with torch.no_grad():
         hidden, mask, _, _ = pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                    device=pipeline.device, clean_caption=False)
+                                                    device=pipeline.device, clean_caption=False,
+                                                    max_sequence_length=max_sequence_length)
     return {"hidden_states": hidden, "attention_mask": mask}
 
 
@@ -140,7 +146,8 @@ def merge_lora(model, lora_dir: Path, rank: int):
 
 def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path | None = None,
               pretrained_dir: str | Path | None = None, text_encoder: str = "minilm",
-              text_encoder_path: str | None = None, config: dict | None = None, steps: int = 2000,
+              text_encoder_path: str | None = None, max_sequence_length: int | None = None,
+              config: dict | None = None, steps: int = 2000,
               batch_size: int = 32, gradient_accumulation_steps: int = 1, lr: float = 2e-5, lr_warmup_steps: int = 0,
               lora_rank: int | None = None, ema_decay: float | None = 0.999, prediction_type: str = "v_prediction",
               snr_gamma: float | None = 5.0, noise_offset: float = 0.0, caption_dropout: float = 0.1,
@@ -157,6 +164,8 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
         vae_dir: a trained AutoencoderKL for a new compact transformer (with `text_encoder`).
         pretrained_dir: a local PixArt-α pipeline to fine-tune instead (its VAE, T5 and scheduler are used).
         text_encoder, text_encoder_path: see `medsyn.models.text_encoders.load_text_encoder` (compact only).
+        max_sequence_length: prompt tokens in training (default: PixArt-α's 120 for a pretrained pipeline,
+            the text encoder's length for a compact one; shorter prompts cost less cross-attention).
         config: PixArtTransformer2DModel overrides of `TRANSFORMER_CONFIG` (compact only).
         steps, batch_size, gradient_accumulation_steps: optimizer steps; images per optimizer step over
             all processes and micro-batches; micro-batches per step.
@@ -203,12 +212,14 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
         images = cache_images(dataset_dir, records, cache / "train_images.npy")  # the pixel term's targets
     if pretrained_dir is not None:
         pipeline = load_pretrained(pretrained_dir)
+        max_sequence_length = max_sequence_length or 120
     else:
         from diffusers import AutoencoderKL
 
         levels = len(AutoencoderKL.load_config(require_dir(vae_dir))["block_out_channels"])
         pipeline = build_pipeline(vae_dir, text_encoder, text_encoder_path, images.shape[-1] // 2 ** (levels - 1),
                                   config, prediction_type)
+        max_sequence_length = max_sequence_length or pipeline.tokenizer.model_max_length
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     vae = pipeline.vae.eval().requires_grad_(False)
@@ -219,7 +230,8 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
             cache_latent_moments(vae, dataset_dir, records, cache)
-            cache_prompt_embeddings(lambda batch: encode_with_pipeline(pipeline, batch), [""] + prompts, cache)
+            cache_prompt_embeddings(lambda batch: encode_with_pipeline(pipeline, batch, max_sequence_length),
+                                    [""] + prompts, cache)
     latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     mask = np.load(cache / "prompt_attention_mask.npy", mmap_mode="r")

@@ -8,6 +8,7 @@ On the embedded `default` profile the "pretrained" pipeline is the ldm-compact o
 itself, loaded through exactly this code. One loop, top to bottom: `finetune_unet`.
 """
 
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -131,8 +132,11 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     scaling = pipeline.vae.config.scaling_factor
     shift = getattr(pipeline.vae.config, "shift_factor", None) or 0.0
     if latent_mean.shape[-1] != pipeline.unet.config.sample_size:
-        print(f"note: training at {latent_mean.shape[-1]} latent pixels; the U-Net was configured for "
-              f"{pipeline.unet.config.sample_size}")
+        # e.g. SDXL (1024 px) fine-tuned on 512 px images: the saved pipeline samples at the trained size
+        warnings.warn(f"training at {latent_mean.shape[-1] * pipeline.vae_scale_factor} px; the pretrained U-Net's "
+                      f"default is {pipeline.unet.config.sample_size * pipeline.vae_scale_factor} px. The saved "
+                      "pipeline's default size will be the training size.")
+        pipeline.unet.register_to_config(sample_size=latent_mean.shape[-1])
 
     unet = pipeline.unet.train()
     if lora_rank:
