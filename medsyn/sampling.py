@@ -48,8 +48,10 @@ def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: in
     size = denoiser.config.sample_size * pipeline.vae_scale_factor
     options = {}
     if hasattr(pipeline, "transformer") and "clean_caption" in inspect.signature(pipeline.__call__).parameters:
-        # PixArt: the prompt as trained (no caption cleaning), at the trained size (no aspect-ratio bins)
-        options = {"clean_caption": False, "use_resolution_binning": False}
+        # PixArt: the prompt as trained (no caption cleaning), at the trained size (no aspect-ratio bins),
+        # and no more tokens than its text encoder has positions (120, PixArt-α's, for T5)
+        options = {"clean_caption": False, "use_resolution_binning": False,
+                   "max_sequence_length": min(120, pipeline.tokenizer.model_max_length)}
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]

@@ -30,7 +30,11 @@ def make_accelerator(**kwargs):
     machine without a GPU `accelerate launch --multi_gpu --num_processes 2 ...` then trains with two
     CPU processes, as on GPUs."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one mixed-precision setting per process and refuses a second; each training loop
+    # (several may run in one notebook kernel) chooses its own. The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # medsyn's batch sizes are global (split over processes), so the LR scheduler steps once per
     # optimizer step; accelerate's default would step it once per process and shorten warm-ups
     return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False, **kwargs)
@@ -53,6 +57,16 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
         order = np.random.default_rng([seed, epoch]).permutation(n)
         out.extend(order[offset:offset + batch_size - len(out)].tolist())
     return np.asarray(out)
+
+
+def micro_batch_size(batch_size: int, gradient_accumulation_steps: int, processes: int) -> int:
+    """Images per micro-batch (all processes together) of a global batch split over accumulation steps;
+    it must also split evenly over the processes."""
+    micro = batch_size // gradient_accumulation_steps
+    if micro * gradient_accumulation_steps != batch_size or micro % processes:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
+                         f"steps and {processes} processes")
+    return micro
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:

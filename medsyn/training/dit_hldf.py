@@ -40,8 +40,8 @@ import torch
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.training.common import (cache_images, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
                                     draw_batch, ema_weights, latest_checkpoint, load_checkpoint, make_accelerator,
-                                    min_snr_weights, progress_bar, save_checkpoint, save_validation_grid,
-                                    to_model_range, training_records)
+                                    micro_batch_size, min_snr_weights, progress_bar, save_checkpoint,
+                                    save_validation_grid, to_model_range, training_records)
 from medsyn.training.ldm_compact import SCHEDULE
 
 # ~1.9 M parameters: 6 blocks of width 128 over a 16 x 16 latent in 2 x 2 patches (64 tokens), small
@@ -200,10 +200,7 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
     out_dir = Path(out_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
-    micro_batch = batch_size // gradient_accumulation_steps
-    if micro_batch * gradient_accumulation_steps != batch_size or micro_batch % world:
-        raise ValueError(f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
-                         f"steps and {world} processes")
+    micro_batch = micro_batch_size(batch_size, gradient_accumulation_steps, world)
     set_seed(seed)
 
     records = training_records(dataset_dir)

@@ -19,8 +19,9 @@ from torch import nn
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.training.common import (batch_indices, cache_images, cache_latent_moments, cache_prompt_embeddings,
                                     diffusion_target, draw_batch, ema_weights, latest_checkpoint, load_checkpoint,
-                                    make_accelerator, min_snr_weights, progress_bar, save_checkpoint,
-                                    save_validation_grid, step_generator, to_model_range, training_records)
+                                    make_accelerator, micro_batch_size, min_snr_weights, progress_bar,
+                                    save_checkpoint, save_validation_grid, step_generator, to_model_range,
+                                    training_records)
 
 # A ~0.65 M-parameter VAE (x4 down-sampling, 4 latent channels) and a ~2 M-parameter U-Net: sizes that
 # learn the embedded classes on 2 CPU cores. The `paper` profile passes larger ones. Few channels per
@@ -256,10 +257,7 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     out_dir = Path(out_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
-    micro_batch = batch_size // gradient_accumulation_steps
-    if micro_batch * gradient_accumulation_steps != batch_size or micro_batch % world:
-        raise ValueError(f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
-                         f"steps and {world} processes")
+    micro_batch = micro_batch_size(batch_size, gradient_accumulation_steps, world)
     set_seed(seed)
 
     # frozen components and the on-disk caches they fill once

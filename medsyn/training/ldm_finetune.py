@@ -17,8 +17,9 @@ import torch
 
 from medsyn.models.text_encoders import require_dir
 from medsyn.training.common import (cache_latent_moments, cache_prompt_embeddings, diffusion_target, draw_batch,
-                                    ema_weights, latest_checkpoint, load_checkpoint, make_accelerator, min_snr_weights,
-                                    progress_bar, save_checkpoint, save_validation_grid, training_records)
+                                    ema_weights, latest_checkpoint, load_checkpoint, make_accelerator,
+                                    micro_batch_size, min_snr_weights, progress_bar, save_checkpoint,
+                                    save_validation_grid, training_records)
 
 # the attention projections of every transformer block: where MSDM's and diffusers' LoRA scripts put adapters
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -107,10 +108,7 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     out_dir = Path(out_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
-    micro_batch = batch_size // gradient_accumulation_steps
-    if micro_batch * gradient_accumulation_steps != batch_size or micro_batch % world:
-        raise ValueError(f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
-                         f"steps and {world} processes")
+    micro_batch = micro_batch_size(batch_size, gradient_accumulation_steps, world)
     set_seed(seed)
 
     # the pretrained pipeline; everything but the U-Net stays frozen, and the caches are filled once
