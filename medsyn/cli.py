@@ -45,10 +45,24 @@ def _add_validate(sub):
     p.add_argument("manifests", nargs="+", metavar="PATH")
 
 
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="sample each class prompt of a curated dataset into a generated dataset")
+    p.add_argument("--pipeline", required=True, metavar="DIR", help="a saved diffusers pipeline directory")
+    p.add_argument("--dataset", required=True, metavar="DIR", help="curated dataset whose class prompts are sampled")
+    p.add_argument("--out", required=True, metavar="DIR", help="new directory for the generated dataset")
+    p.add_argument("--model", required=True, help="generator name recorded with every image, e.g. ldm-compact")
+    p.add_argument("--per-prompt", type=int, default=8, help="images per class prompt (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each image's own seed is recorded")
+    p.add_argument("--scheduler", default="pipeline", help="pipeline (its own), euler, dpmsolver++ or ddim")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (MediSyn: Euler, 50)")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (MediSyn: 7)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medsyn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_curate, _add_corpus, _add_reproduce, _add_validate):
+    for add in (_add_curate, _add_corpus, _add_reproduce, _add_validate, _add_sample):
         add(sub)
     args = parser.parse_args(argv)
     try:
@@ -82,6 +96,13 @@ def _run(args) -> int:
             print(f"medsyn reproduce: {err}", file=sys.stderr)
             return 1
         print(f"run complete: {run_dir}")
+    elif args.command == "sample":
+        from medsyn.sampling import sample_class_prompts
+
+        metadata = sample_class_prompts(args.pipeline, args.dataset, args.out, args.model, args.per_prompt,
+                                        seed=args.seed, scheduler=args.scheduler, steps=args.steps,
+                                        guidance_scale=args.guidance, batch_size=args.batch_size)
+        print(f"wrote {sum(1 for _ in open(metadata))} images to {metadata.parent}")
     elif args.command == "validate":
         from medsyn.data.manifest import load_manifest, resolve_manifest
 
