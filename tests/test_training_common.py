@@ -49,3 +49,22 @@ def test_noise_offset_adds_a_per_channel_constant():
     channel_means = offset.mean(dim=(2, 3))
     assert abs(plain.mean(dim=(2, 3)).std().item() - 1 / 8) < 0.02  # 64 iid values: std of mean = 1/8
     assert abs(channel_means.std().item() - (0.25 + 1 / 64) ** 0.5) < 0.03
+
+
+def test_ema_weights_swaps_in_the_average_and_back_even_for_a_generator():
+    from diffusers.training_utils import EMAModel
+
+    from medsyn.training.common import ema_weights
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMAModel(model.parameters(), decay=0.5)
+    average = [p.detach().clone() for p in ema.shadow_params]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with ema_weights(ema, model.parameters()):  # a generator, as callers pass it
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), average))
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    with ema_weights(None, model.parameters()):
+        assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))

@@ -288,6 +288,7 @@ def ema_weights(ema, parameters):
     if ema is None:
         yield
         return
+    parameters = list(parameters)  # a generator such as model.parameters() would be spent by the first call
     ema.store(parameters)
     ema.copy_to(parameters)
     try:
