@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from medsyn.data.curate import read_metadata
 from medsyn.models.domain_clip import (embed_texts, export_text_encoder, load_domain_clip, token_states,
-                                       train_domain_clip)
+                                       train_domain_clip, zero_shot_accuracy)
 from tiny_models import write_tiny_dataset
 
 SMALL = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
@@ -33,6 +34,9 @@ def test_reloads_and_the_exported_text_tower_matches_open_clip(clip, tmp_path):
     from medsyn.models.text_encoders import load_text_encoder
 
     model, tokenizer = load_domain_clip(clip["model_dir"])
+    held_out = [r for r in read_metadata(clip["data"]) if r["split"] == "validation"]
+    prompts = {"tiny: bar": "A cyan bar.", "tiny: disc": "A red disc."}
+    assert zero_shot_accuracy(model, tokenizer, clip["data"], held_out, prompts) == clip["zero_shot_accuracy"]
     a = embed_texts(model, tokenizer, ["A red disc.", "A cyan bar."])
     assert torch.allclose(a.norm(dim=-1), torch.ones(2))
     exported = export_text_encoder(clip["model_dir"], tmp_path / "exported")

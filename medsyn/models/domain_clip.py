@@ -92,7 +92,7 @@ def train_domain_clip(dataset_dir: str | Path, out_dir: str | Path, epochs: int 
     _save(model, cfg, model_dir)
     held_out = training_records(dataset_dir, "validation")
     prompts = class_prompts(records)
-    accuracy = zero_shot_accuracy(model_dir, dataset_dir, held_out, prompts)
+    accuracy = zero_shot_accuracy(model, tokenizer, dataset_dir, held_out, prompts)
     return {"model_dir": model_dir, "loss_history": history, "zero_shot_accuracy": accuracy}
 
 
@@ -129,12 +129,17 @@ def embed_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     return model.encode_text(tokenizer(list(texts)), normalize=True)
 
 
-def zero_shot_accuracy(model_dir: str | Path, dataset_dir: str | Path, records: list[dict], prompts: dict[str, str]) -> float:
-    """Share of images whose most similar class prompt is their own class's (CLIP's zero-shot test)."""
+def zero_shot_accuracy(model, tokenizer, dataset_dir: str | Path, records: list[dict], prompts: dict[str, str]) -> float:
+    """Share of images whose most similar class prompt is their own class's (CLIP's zero-shot test).
+
+    Args:
+        model, tokenizer: a domain CLIP (`load_domain_clip`, or the one just trained).
+        dataset_dir, records: the images to classify.
+        prompts: class name -> prompt (`medsyn.data.tables.class_prompts`).
+    """
     from medsyn.data.tables import class_key
     from medsyn.training.common import load_rgb
 
-    model, tokenizer = load_domain_clip(model_dir)
     images = np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in records])
     similarity = embed_images(model, images) @ embed_texts(model, tokenizer, list(prompts.values())).T
     names = list(prompts)
