@@ -126,12 +126,14 @@ def test_two_processes_train_the_same_model_as_one(tiny_dataset, tiny_vae, tmp_p
         f"train_unet({str(tiny_dataset)!r}, {str(tiny_vae['vae_dir'])!r}, {str(tmp_path / 'two')!r}, "
         f"config=json.loads({json.dumps(json.dumps(TINY_UNET))}), steps=3, batch_size=8, lr=2e-3, lr_warmup_steps=2, "
         "checkpoint_every=0, validation_every=0, progress=False)\n"
-        "from accelerate import PartialState\nprint('processes', PartialState().num_processes, PartialState().backend)\n")
+        "from accelerate import PartialState\nstate = PartialState()\n"
+        f"open({str(tmp_path)!r} + f'/rank{{state.process_index}}.txt', 'w').write(f'{{state.num_processes}} {{state.backend}}')\n")
     run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("processes 2 gloo") == 2, run.stdout  # two CPU processes in one gloo group
+    # two CPU processes in one gloo group (each writes its own file: their stdout may interleave)
+    assert [(tmp_path / f"rank{i}.txt").read_text() for i in (0, 1)] == ["2 gloo"] * 2, run.stdout
     a = load_file(tmp_path / "one" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "two" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
