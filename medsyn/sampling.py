@@ -24,6 +24,31 @@ def load_pipeline(path: str | Path):
     return pipeline
 
 
+def image_size(pipeline) -> int:
+    """The side, in pixels, of the images a pipeline makes by default: its denoiser's sample size (in
+    latent pixels, set by medsyn's training loops to the trained size) times the autoencoder's scale.
+    FLUX's transformer has no sample size; its pipeline's default stands in."""
+    denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
+    latent = getattr(denoiser.config, "sample_size", None) or pipeline.default_sample_size
+    if hasattr(pipeline, "vae_scale_factor"):
+        return latent * pipeline.vae_scale_factor
+    return latent * 2 ** (len(pipeline.movq.config.block_out_channels) - 1)  # Kandinsky's MoVQ
+
+
+def _call_options(pipeline) -> dict:
+    """Keyword arguments a pipeline family needs to sample as it was trained."""
+    parameters = inspect.signature(pipeline.__call__).parameters
+    if "clean_caption" in parameters:
+        # PixArt: the prompt as trained (no caption cleaning), at the trained size (no aspect-ratio bins),
+        # and no more tokens than its text encoder has positions (120, PixArt-α's, for T5)
+        return {"clean_caption": False, "use_resolution_binning": False,
+                "max_sequence_length": min(120, pipeline.tokenizer.model_max_length)}
+    if hasattr(pipeline, "tokenizer_2") and "max_sequence_length" in parameters:
+        # FLUX: T5 prompts of the length trained on (its transformer attends to padding too)
+        return {"max_sequence_length": min(512, pipeline.tokenizer_2.model_max_length)}
+    return {}
+
+
 @torch.no_grad()
 def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: int = 25, guidance_scale: float = 4.0,
              batch_size: int = 32) -> list[dict]:
@@ -44,14 +69,7 @@ def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: in
         raise ValueError("empty prompt: every prompt must say what to generate")
     pairs = [(i, p) for i, p in enumerate(prompts) for _ in range(per_prompt)]
     jobs = [(i, p, image_seed(seed, n)) for n, (i, p) in enumerate(pairs)]
-    denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
-    size = denoiser.config.sample_size * pipeline.vae_scale_factor
-    options = {}
-    if hasattr(pipeline, "transformer") and "clean_caption" in inspect.signature(pipeline.__call__).parameters:
-        # PixArt: the prompt as trained (no caption cleaning), at the trained size (no aspect-ratio bins),
-        # and no more tokens than its text encoder has positions (120, PixArt-α's, for T5)
-        options = {"clean_caption": False, "use_resolution_binning": False,
-                   "max_sequence_length": min(120, pipeline.tokenizer.model_max_length)}
+    size, options = image_size(pipeline), _call_options(pipeline)
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medsyn.models.text_encoders import load_text_encoder, minilm_path
-from tiny_models import clip_tokenizer_files, clip_tower
+from tiny_models import clip_tokenizer_files, clip_tower, t5_tokenizer_and_tower
 
 
 def test_minilm_is_the_packaged_sentence_encoder():
@@ -46,6 +46,32 @@ def test_clip_and_sdxl_layouts(tmp_path):
     ids = sdxl.towers[0][0](["a polyp"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     penultimate = sdxl.towers[0][1](ids, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(out.hidden_states[:1, :, :32], penultimate)
+
+
+def test_clip_tower_with_fewer_positions_than_77(tmp_path):
+    """medsyn's domain CLIP has 32 positions: the default length follows the tower, not SD's 77."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = clip_tokenizer_files(tmp_path / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32)).save_pretrained(tmp_path / "text_encoder")
+    encoder = load_text_encoder("clip", tmp_path)
+    assert encoder.max_length == 32 and encoder.encode(["a polyp"]).hidden_states.shape == (1, 32, 16)
+
+
+def test_t5_attends_only_to_real_tokens(tmp_path):
+    """PixArt's T5 with its attention mask: padding changes nothing in the real tokens' states."""
+    t5_tokenizer_and_tower(tmp_path)
+    encoder = load_text_encoder("t5", tmp_path)
+    assert encoder.max_length == 120 and encoder.hidden_size == 32
+    out = encoder.encode(["a polyp", ""])
+    assert out.hidden_states.shape == (2, 120, 32)
+    real = len("a polyp") + 1  # one piece per character (spaces join the next one) plus </s>, minus the space
+    assert out.attention_mask.sum(1).tolist() == [real - 1, 1]  # the empty prompt is just </s>
+    short = load_text_encoder("t5", tmp_path, max_length=16).encode(["a polyp"])
+    torch.testing.assert_close(short.hidden_states[0, :real - 1], out.hidden_states[0, :real - 1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        load_text_encoder("t5", tmp_path / "nowhere")
 
 
 def test_unknown_kind_and_missing_path():

@@ -53,6 +53,29 @@ def clip_tower(directory: Path, vocab_size: int, hidden: int, projection: bool =
     (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(directory)
 
 
+def t5_tokenizer_and_tower(directory: Path, hidden: int = 32) -> None:
+    """A T5 tokenizer (a unigram model over single characters, with T5's `</s>` appended and `<pad>`)
+    in `<directory>/tokenizer` and a random T5 encoder in `<directory>/text_encoder`: PixArt's / FLUX's layout."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    characters = string.ascii_letters + string.digits
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + c, -1.0) for c in characters] + [(c, -1.0) for c in characters + string.punctuation]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.normalizer = normalizers.NFKC()
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(directory / "tokenizer")
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2,
+                            num_heads=4, relative_attention_num_buckets=8)).save_pretrained(directory / "text_encoder")
+
+
 def tiny_vae(sample_size: int = 16):
     from diffusers import AutoencoderKL
 
@@ -97,5 +120,83 @@ def save_tiny_sd(directory: Path, xl: bool = False, prediction_type: str = "epsi
     else:
         pipeline = StableDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, safety_checker=None,
                                            feature_extractor=None, requires_safety_checker=False, **text)
+    pipeline.save_pretrained(directory / "pipeline")
+    return directory / "pipeline"
+
+
+def save_tiny_flux(directory: Path) -> Path:
+    """A randomly initialised FLUX.1 pipeline directory: CLIP + T5 text encoders, a 16-channel-packed
+    transformer with a guidance embedding (as FLUX.1-dev), an AutoencoderKL with a shift factor."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    parts = directory / "parts"
+    vocab = clip_tokenizer_files(parts / "tokenizer")
+    clip_tower(parts / "text_encoder", vocab, 32)
+    t5_tokenizer_and_tower(parts / "t5")
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    # a pretrained model's output is calibrated, a random one's is large noise that low-rank adapters
+    # cannot cancel: start from a zero output layer (adaLN-zero style)
+    torch.nn.init.zeros_(transformer.proj_out.weight)
+    torch.nn.init.zeros_(transformer.proj_out.bias)
+    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4, sample_size=16,
+                        shift_factor=0.1, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # a trained VAE's posterior is narrow; a random one's std is about 1
+        vae.encoder.conv_out.weight[4:] = 0
+        vae.encoder.conv_out.bias[4:] = -10.0
+    local = {"local_files_only": True}
+    tokenizer_2 = T5TokenizerFast.from_pretrained(parts / "t5" / "tokenizer", **local)
+    tokenizer_2.model_max_length = 512
+    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                            text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder", **local),
+                            tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer", model_max_length=77, **local),
+                            text_encoder_2=T5EncoderModel.from_pretrained(parts / "t5" / "text_encoder", **local),
+                            tokenizer_2=tokenizer_2, transformer=transformer)
+    pipeline.save_pretrained(directory / "pipeline")
+    return directory / "pipeline"
+
+
+def save_tiny_kandinsky(directory: Path) -> Path:
+    """A randomly initialised Kandinsky 2.2 combined pipeline directory: prior (CLIP text and image
+    towers, PriorTransformer, UnCLIP scheduler) and decoder (image-embedding U-Net, MoVQ, DDPM)."""
+    from diffusers import (DDPMScheduler, KandinskyV22CombinedPipeline, PriorTransformer, UNet2DConditionModel,
+                           UnCLIPScheduler, VQModel)
+    from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    parts = directory / "parts"
+    vocab = clip_tokenizer_files(parts / "tokenizer")
+    clip_tower(parts / "text_encoder", vocab, 32, projection=True)
+    torch.manual_seed(0)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=32, num_layers=1)
+    prior.clip_std = torch.nn.Parameter(torch.ones(prior.clip_std.shape))  # a real prior holds CLIP's statistics
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, image_size=32, projection_dim=32,
+                                                                   intermediate_size=37, num_attention_heads=4,
+                                                                   num_hidden_layers=2, patch_size=8))
+    processor = CLIPImageProcessor(crop_size=32, size=32, do_center_crop=True, do_normalize=True, do_resize=True,
+                                   resample=3)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=8, addition_embed_type="image",
+                                down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                                up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                                mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(16, 32),
+                                layers_per_block=1, encoder_hid_dim=32, encoder_hid_dim_type="image_proj",
+                                cross_attention_dim=32, attention_head_dim=4, resnet_time_scale_shift="scale_shift",
+                                norm_num_groups=8)
+    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, layers_per_block=1,
+                   norm_num_groups=8, norm_type="spatial", num_vq_embeddings=12, vq_embed_dim=4)
+    local = {"local_files_only": True}
+    pipeline = KandinskyV22CombinedPipeline(
+        unet=unet, movq=movq,
+        scheduler=DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        prior_prior=prior, prior_image_encoder=image_encoder, prior_image_processor=processor,
+        prior_text_encoder=CLIPTextModelWithProjection.from_pretrained(parts / "text_encoder", **local),
+        prior_tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer", model_max_length=77, **local),
+        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                        clip_sample=True, clip_sample_range=10.0))
     pipeline.save_pretrained(directory / "pipeline")
     return directory / "pipeline"

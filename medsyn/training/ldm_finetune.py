@@ -16,13 +16,10 @@ import numpy as np
 import torch
 
 from medsyn.models.text_encoders import require_dir
-from medsyn.training.common import (cache_latent_moments, cache_prompt_embeddings, diffusion_target, draw_batch,
-                                    ema_weights, latest_checkpoint, load_checkpoint, make_accelerator,
-                                    micro_batch_size, min_snr_weights, progress_bar, save_checkpoint,
-                                    save_validation_grid, training_records)
-
-# the attention projections of every transformer block: where MSDM's and diffusers' LoRA scripts put adapters
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
+                                    draw_batch, ema_weights, latest_checkpoint, load_checkpoint, make_accelerator,
+                                    merge_adapters, micro_batch_size, min_snr_weights, progress_bar,
+                                    save_checkpoint, save_validation_grid, training_records)
 
 
 def load_pretrained(pretrained_dir: str | Path):
@@ -137,19 +134,13 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
         pipeline.unet.register_to_config(sample_size=latent_mean.shape[-1])
 
     unet = pipeline.unet.train()
-    if lora_rank:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = add_lora(unet, lora_rank, lora_alpha) if lora_rank else list(unet.parameters())
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     prediction_type = pipeline.scheduler.config.prediction_type
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     ema = EMAModel(trainable, decay=ema_decay) if ema_decay else None
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-2)
+    optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema:
@@ -213,8 +204,7 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
             pipeline.unet = final
             if lora_rank:
                 _save_lora(pipeline, final, lora_dir)
-                final.fuse_lora()  # merge the adapters, then drop them: the saved U-Net is a plain U-Net
-                final.unload_lora()
+                merge_adapters(final)  # the saved U-Net is a plain U-Net
             pipeline.save_pretrained(pipeline_dir)
     accelerator.wait_for_everyone()
     return {"pipeline_dir": pipeline_dir, "lora_dir": lora_dir, "steps": steps,
