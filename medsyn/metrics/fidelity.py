@@ -1,32 +1,33 @@
 """Distribution distances between real and generated image features: the Fréchet distance (FID when
-the features are InceptionV3's pool3, "FD_<encoder>" for any other encoder) and the kernel
-inception distance (KID, Bińkowski et al. 2018), unbiased, for small sample counts."""
+the features are InceptionV3's pool3, "FD_<encoder>" for any other encoder), the kernel inception
+distance (KID, Bińkowski et al. 2018; unbiased, for small sample counts), improved precision and
+recall (Kynkäänniemi et al. 2019) and MS-SSIM diversity. The arithmetic is torch-fidelity's
+(Obukhov et al.), the standard the FID literature is compared on; its TF-compatible InceptionV3 loads
+from a local file only (`inception_weights`), never from the network.
+"""
+
+import os
+from pathlib import Path
 
 import numpy as np
-from scipy import linalg
+import torch
+
+# torch-fidelity's port of the TensorFlow FID Inception (2015-12-05), the file its own download writes
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_ENV = "MEDSYN_INCEPTION_WEIGHTS"
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(μ₁, Σ₁) and N(μ₂, Σ₂): ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½)
-    (Dowson & Landau 1982; Heusel et al. 2017).
+    (Dowson & Landau 1982; Heusel et al. 2017), computed by torch-fidelity (the trace of the square
+    root from the eigenvalues of Σ₁Σ₂)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    The matrix square root is scipy's; a nearly singular product gets a small diagonal offset first,
-    and a negligible imaginary part from round-off is dropped (as in the reference implementation).
-    """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"shapes do not match: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(mu1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} in the matrix square root")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, False)[KEY_METRIC_FID]
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +39,7 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def kernel_distance(real: np.ndarray, generated: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                     seed: int = 0) -> tuple[float, float]:
     """KID: the unbiased estimate of MMD² with the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³,
-    averaged over random subsets (as torch-fidelity and the reference code do).
+    averaged over random subsets (torch-fidelity's estimator).
 
     Args:
         real, generated: N x D and M x D features.
@@ -48,19 +49,111 @@ def kernel_distance(real: np.ndarray, generated: np.ndarray, subsets: int = 100,
     Returns:
         (mean, standard deviation) over subsets.
     """
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
     real, generated = np.asarray(real, np.float64), np.asarray(generated, np.float64)
     n = min(len(real), len(generated), subset_size)
     if n < 2:
         raise ValueError("KID needs at least 2 samples on each side")
+    out = kid_features_to_metric(torch.from_numpy(real), torch.from_numpy(generated), kid_subsets=subsets,
+                                 kid_subset_size=n, rng_seed=seed, verbose=False)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+def precision_recall(real: np.ndarray, generated: np.ndarray, neighbourhood: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): precision is the share of generated
+    samples inside the real manifold (the union of balls reaching each real sample's k-th nearest real
+    neighbour), recall the share of real samples inside the generated one. torch-fidelity's estimator.
+
+    Returns:
+        {'precision', 'recall', 'f_score'}.
+    """
+    from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
+                                           prc_features_to_metric)
+
+    real, generated = (torch.from_numpy(np.asarray(x, np.float32)) for x in (real, generated))
+    if min(len(real), len(generated)) <= neighbourhood:
+        raise ValueError(f"precision/recall needs more than {neighbourhood} samples on each side")
+    out = prc_features_to_metric(generated, real, prc_neighborhood=neighbourhood, prc_batch_size=10000,
+                                 save_cpu_ram=False, verbose=False)
+    return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL], "f_score": out[KEY_METRIC_F_SCORE]}
+
+
+def inception_weights(path: str | Path | None = None) -> Path:
+    """The TF-compatible InceptionV3 weights for FID, from (in order) `path`, the environment variable
+    `MEDSYN_INCEPTION_WEIGHTS`, or torch hub's cache (`<torch.hub.get_dir()>/checkpoints/`, where
+    torch-fidelity's own download puts the file). Nothing is downloaded.
+
+    Raises:
+        FileNotFoundError: none of them holds the file; the message names every place looked at.
+    """
+    places = []
+    if path is not None:
+        places.append(("the path given", Path(path)))
+    if os.environ.get(INCEPTION_ENV):
+        places.append((f"${INCEPTION_ENV}", Path(os.environ[INCEPTION_ENV])))
+    places.append(("torch hub's cache", Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE))
+    for _, place in places:
+        if place.is_file():
+            return place
+    looked = "; ".join(f"{name}: {place}" for name, place in places)
+    raise FileNotFoundError(f"InceptionV3 weights for FID not found (medsyn never downloads). Looked at {looked}. "
+                            f"Put torch-fidelity's {INCEPTION_FILE} at one of them, or set ${INCEPTION_ENV}.")
+
+
+def inception_features(images, weights_path: str | Path | None = None, batch_size: int = 50) -> np.ndarray:
+    """2048-d pool3 features of uint8 images (N x H x W x 3, or a list of H x W x 3 / H x W arrays) from
+    torch-fidelity's TF-compatible InceptionV3: each image resized to 299 x 299 as TensorFlow 1.x
+    does, the features FID is defined on. See `inception_weights` for where the weights come from."""
+    weights = inception_weights(weights_path)  # first, so that missing weights fail at once
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    return _extract(lambda batch: extractor(batch)[0], images, batch_size)
+
+
+def _extract(model, images, batch_size: int) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = np.stack([_rgb(image) for image in images[start:start + batch_size]])
+        with torch.no_grad():
+            out.append(model(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()).double().numpy())
+    return np.concatenate(out)
+
+
+def _rgb(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"fidelity features are computed on uint8 images, not {image.dtype}")
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+def ms_ssim_diversity(images, pairs: int = 200, seed: int = 0) -> tuple[float, int]:
+    """Mean MS-SSIM over random pairs of distinct images (lower: more diverse; Odena et al. 2017),
+    computed by pytorch-msssim on grey uint8 images: five scales, the standard weights.
+
+    The standard 11-pixel window needs images larger than 160 pixels (four halvings); smaller images
+    get the largest odd window that fits (3 pixels at 64 px), returned so that it can be reported.
+
+    Returns:
+        (mean MS-SSIM, window size).
+    """
+    from pytorch_msssim import ms_ssim
+
+    grey = np.stack([_grey(image) for image in images]).astype(np.float32)
+    if len(grey) < 2:
+        raise ValueError("MS-SSIM diversity needs at least 2 images")
+    side = min(grey.shape[1:])
+    window = min(11, (side - 1) // 16 + 1 - ((side - 1) // 16) % 2)  # odd, with (window − 1)·16 < side
+    if window < 3:
+        raise ValueError(f"images of {side} pixels are too small for five-scale MS-SSIM (at least 33)")
     rng = np.random.default_rng(seed)
-    values = [_mmd2_unbiased(real[rng.choice(len(real), n, replace=False)],
-                             generated[rng.choice(len(generated), n, replace=False)]) for _ in range(subsets)]
-    return float(np.mean(values)), float(np.std(values))
+    first = rng.integers(0, len(grey), pairs)
+    second = (first + rng.integers(1, len(grey), pairs)) % len(grey)  # never the same image
+    a, b = (torch.from_numpy(grey[index])[:, None] for index in (first, second))
+    return float(ms_ssim(a, b, data_range=255, size_average=False, win_size=window).mean()), window
 
 
-def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    d = x.shape[1]
-    kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-    m = len(x)
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                 - 2 * kxy.mean())
+def _grey(image) -> np.ndarray:
+    image = _rgb(image)
+    return image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
