@@ -93,3 +93,56 @@ def test_chunked_nearest_neighbours_equal_brute_force():
     np.testing.assert_allclose(similarity, full.max(1).values.numpy(), rtol=1e-6)
     copy_index, copy_similarity = nearest_neighbours(references[[5, 700]], references, chunk=100)
     assert copy_index.tolist() == [5, 700] and np.allclose(copy_similarity, 1, atol=1e-6)
+
+
+def test_nearest_in_group_searches_only_the_querys_group():
+    from medsyn.metrics.privacy import nearest_in_group
+
+    torch.manual_seed(4)
+    references, queries = torch.randn(50, 8), torch.randn(12, 8)
+    reference_groups = [("derm", "dermoscopy") if i % 2 else ("rad", "ct") for i in range(50)]
+    query_groups = [("derm", "dermoscopy"), ("rad", "ct"), ("path", "slide")] * 4
+    index, similarity = nearest_in_group(queries, query_groups, references, reference_groups, chunk=7)
+    for q, group in enumerate(query_groups):
+        candidates = [r for r in range(50) if reference_groups[r] == group]
+        if not candidates:  # no training image of its kind: reported, not matched elsewhere
+            assert index[q] == -1 and np.isnan(similarity[q])
+            continue
+        cos = [float(torch.nn.functional.cosine_similarity(queries[q], references[r], dim=0)) for r in candidates]
+        assert index[q] == candidates[int(np.argmax(cos))] and similarity[q] == pytest.approx(max(cos), abs=1e-6)
+
+
+def test_memorisation_table_and_wilcoxon_by_hand():
+    from medsyn.metrics.privacy import memorisation_table
+
+    d = np.array([0.30, 0.25, 0.40, 0.22, 0.35, 0.10, 0.50])
+    table = memorisation_table(d, ["a"] * 5 + ["b"] * 2).set_index("specialty")
+    assert table.loc["a", "pairs"] == 5 and table.loc["a", "pairs_at_most_0.15"] == 0
+    assert table.loc["a", "mean"] == pytest.approx(0.304) and table.loc["a", "sd"] == pytest.approx(np.std(d[:5], ddof=1))
+    # exact signed-rank test: all five differences positive and distinct is the most extreme of 2⁵ sign patterns
+    assert table.loc["a", "wilcoxon_p_greater"] == pytest.approx(1 / 32)
+    assert table.loc["b", "pairs_at_most_0.15"] == 1 and table.loc["all", "pairs"] == 7
+    assert table.loc["all", "pairs_at_most_0.15"] == 1
+
+
+def test_a_planted_copy_is_flagged(tmp_path):
+    """A training image copied among generated ones is found as its own nearest neighbour and falls
+    under the threshold; independently drawn images do not."""
+    from PIL import Image
+
+    from medsyn.data.curate import read_metadata
+    from medsyn.metrics.privacy import COPY_THRESHOLD, memorisation_table, nearest_in_group
+    from tiny_models import write_tiny_dataset
+
+    root = write_tiny_dataset(tmp_path / "data", size=32)
+    records = read_metadata(root)
+    training = np.stack([np.asarray(Image.open(root / r["file_name"])) for r in records])
+    rng = np.random.default_rng(5)
+    generated = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    generated[2] = training[7]  # the planted copy
+    embed = lambda images: torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) - 128)  # noqa: E731
+    index, _ = nearest_in_group(embed(generated), ["phantom"] * 6, embed(training), ["phantom"] * len(training))
+    distances = np.array([tiled_l2(g, training[i]) for g, i in zip(generated, index)])
+    assert index[2] == 7 and distances[2] == 0
+    assert np.flatnonzero(distances <= COPY_THRESHOLD).tolist() == [2]
+    assert memorisation_table(distances, ["tiny"] * 6).set_index("specialty").loc["tiny", "pairs_at_most_0.15"] == 1

@@ -53,3 +53,61 @@ def nearest_neighbours(queries: torch.Tensor, references: torch.Tensor, chunk: i
         better = similarity > best
         best[better], where[better] = similarity[better], index[better] + start
     return where.numpy(), best.numpy()
+
+
+# MediSyn's threshold: a pair this close in every tile is a likely copy
+COPY_THRESHOLD = 0.15
+
+
+def nearest_in_group(queries: torch.Tensor, query_groups: list, references: torch.Tensor, reference_groups: list,
+                     chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """`nearest_neighbours` restricted to references of the query's own group (MediSyn: the same
+    specialty and image type). A query whose group has no reference gets index −1 and similarity NaN,
+    so that it is reported rather than matched across groups.
+
+    Args:
+        queries, references: Q x D and R x D embeddings.
+        query_groups, reference_groups: a hashable group per row, e.g. (specialty, image_type).
+        chunk: references per matrix product.
+
+    Returns:
+        (index into `references`, cosine similarity), one per query.
+    """
+    if len(query_groups) != len(queries) or len(reference_groups) != len(references):
+        raise ValueError("one group per embedding row is needed")
+    code = {group: i for i, group in enumerate(dict.fromkeys([*query_groups, *reference_groups]))}
+    query_groups = np.array([code[g] for g in query_groups], dtype=int)
+    reference_groups = np.array([code[g] for g in reference_groups], dtype=int)
+    index, similarity = np.full(len(queries), -1), np.full(len(queries), np.nan)
+    for group in np.unique(query_groups):
+        mine = np.flatnonzero(query_groups == group)
+        theirs = np.flatnonzero(reference_groups == group)
+        if len(theirs):
+            found, best = nearest_neighbours(queries[mine], references[theirs], chunk)
+            index[mine], similarity[mine] = theirs[found], best
+    return index, similarity
+
+
+def memorisation_table(distances: np.ndarray, specialties: list[str], threshold: float = COPY_THRESHOLD):
+    """MediSyn's Table 1: per specialty (and over all), the tiled distance of each generated image to
+    its nearest training image as mean ± sd, the number of pairs, the pairs at or below `threshold`,
+    and the one-sided Wilcoxon signed-rank test that the distances exceed the threshold (p-value;
+    small p: the specialty's images are not copies).
+
+    Returns:
+        a pandas DataFrame, one row per specialty plus 'all'.
+    """
+    import pandas as pd
+    from scipy.stats import wilcoxon
+
+    distances, specialties = np.asarray(distances, np.float64), np.asarray(specialties, dtype=object)
+    if len(distances) != len(specialties):
+        raise ValueError("one specialty per distance is needed")
+    rows = []
+    for name in [*sorted(set(specialties.tolist())), "all"]:
+        d = distances if name == "all" else distances[specialties == name]
+        differences = d - threshold
+        p = wilcoxon(differences, alternative="greater").pvalue if np.any(differences) and len(d) > 1 else np.nan
+        rows.append({"specialty": name, "pairs": len(d), "mean": d.mean(), "sd": d.std(ddof=1) if len(d) > 1 else np.nan,
+                     f"pairs_at_most_{threshold:g}": int(np.sum(d <= threshold)), "wilcoxon_p_greater": p})
+    return pd.DataFrame(rows)
