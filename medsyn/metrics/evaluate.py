@@ -1,0 +1,152 @@
+"""The fidelity and alignment protocol for generated datasets (notebook 06): every family is compared
+with the same real images, on equal sample counts, as uint8 images read from their PNG files.
+
+| column | what |
+|---|---|
+| `FID`, `KID_inception` | FID and KID on the TF-compatible InceptionV3 (only when its weights are on disk; otherwise NaN and `inception_note` says where they were looked for) |
+| `FD_domain_clip`, `KID_domain_clip` | the same distances on the domain CLIP's image embeddings: never called FID |
+| `precision`, `recall` | improved precision / recall (k = 3) on the domain CLIP's embeddings |
+| `NIQE_generated`, `NIQE_real` | mean NIQE (LIVE's model; `niqe_block` pixels per block, reported) |
+| `MS_SSIM_within_class` | mean MS-SSIM of random same-class pairs (lower: more diverse), with the real value beside it (NaN under 33 px) |
+| `domain_clip_score` | mean cosine similarity of each image and its prompt in the domain CLIP, × 100 |
+| `alignment_macro` | macro accuracy of the real-image classifier on the generated images (the prompt's class is the truth) |
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from medsyn.data.curate import read_metadata
+from medsyn.data.tables import class_key, class_prompts
+from medsyn.metrics.fidelity import (feature_statistics, frechet_distance, inception_features, inception_weights,
+                                     kernel_distance, ms_ssim_diversity, precision_recall)
+from medsyn.metrics.niqe import niqe
+
+
+def load_dataset(dataset_dir: str | Path, split: str | None = None) -> tuple[np.ndarray, list[dict]]:
+    """uint8 N x H x W x 3 images and their records (of one split, or all) from a dataset in the curated format."""
+    records = [r for r in read_metadata(dataset_dir) if split is None or r["split"] == split]
+    if not records:
+        raise ValueError(f"no {split or ''} records in {dataset_dir}".replace("  ", " "))
+    images = np.stack([np.asarray(Image.open(Path(dataset_dir) / r["file_name"]).convert("RGB")) for r in records])
+    return images, records
+
+
+def equal_counts(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of equally many rows of each (the smaller count; a seeded draw without replacement)."""
+    n = min(len(a), len(b))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(len(a), n, replace=False)), np.sort(rng.choice(len(b), n, replace=False))
+
+
+def within_class_ms_ssim(images: np.ndarray, classes: list[str], pairs: int = 50, seed: int = 0) -> tuple[float, int]:
+    """Mean over classes (with at least two images) of the MS-SSIM of random same-class pairs, and the
+    window used; (NaN, 0) for images under 33 pixels, too small for five MS-SSIM scales."""
+    if min(images.shape[1:3]) < 33:
+        return float("nan"), 0
+    classes = np.asarray(classes)
+    values, window = [], 0
+    for c in np.unique(classes):
+        members = images[classes == c]
+        if len(members) >= 2:
+            value, window = ms_ssim_diversity(members, pairs=pairs, seed=seed)
+            values.append(value)
+    return (float(np.mean(values)) if values else float("nan")), window
+
+
+def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domain_clip_dir: str | Path,
+                   probe_path: str | Path, real_split: str = "test", reference_split: str = "train",
+                   inception_path: str | Path | None = None, niqe_block: int = 96, seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """One row per generated dataset, plus a `real` row (the `reference_split` images against the
+    `real_split` images: the floor every family is measured against).
+
+    Args:
+        real_dir: the curated dataset.
+        generated: family -> generated dataset directory (`medsyn sample` / notebook 05).
+        domain_clip_dir: the domain CLIP of 01_curate (image and text embeddings).
+        probe_path: the real-image classifier of 01_curate.
+        real_split: the real images every set is compared with; reference_split: the real images of the `real` row.
+        inception_path: InceptionV3 weights for FID (else $MEDSYN_INCEPTION_WEIGHTS / the torch hub cache).
+        niqe_block: NIQE block size (LIVE's 96 needs images of at least 96 px).
+        seed: seed of the equal-count draws and of the MS-SSIM pairs.
+
+    Returns:
+        (the table, a note on the Inception weights: where they came from, or why FID is missing).
+    """
+    from medsyn.metrics.class_probe import TrainedProbe
+    from medsyn.models.domain_clip import embed_images, embed_texts, load_domain_clip
+
+    clip, tokenizer = load_domain_clip(domain_clip_dir)
+    probe = TrainedProbe.load(probe_path)
+    prompts = class_prompts([r for r in read_metadata(real_dir) if r["split"] == "train"])
+    class_of_prompt = {prompt: key for key, prompt in prompts.items()}
+    try:
+        weights, note = inception_weights(inception_path), ""
+        note = f"InceptionV3 weights: {weights}"
+    except FileNotFoundError as error:
+        weights, note = None, f"FID not computed: {error}"
+
+    real, real_records = load_dataset(real_dir, real_split)
+    sets = {"real": load_dataset(real_dir, reference_split)}
+    for family, directory in generated.items():
+        sets[family] = load_dataset(directory)
+    real_embeddings = embed_images(clip, real.transpose(0, 3, 1, 2)).double().numpy()
+    real_inception = inception_features(real, weights) if weights else None
+    real_ms_ssim, window = within_class_ms_ssim(real, [class_key(r) for r in real_records], seed=seed)
+    real_niqe = float(np.mean([niqe(image, niqe_block) for image in real]))
+
+    rows = []
+    for family, (images, records) in sets.items():
+        classes = [class_key(r) if family == "real" else class_of_prompt.get(r["text"]) for r in records]
+        if None in classes:
+            unknown = sorted({r["text"] for r, c in zip(records, classes) if c is None})
+            raise ValueError(f"{family}: prompts that are no class's caption in {real_dir}: {unknown[:3]}")
+        mine, theirs = equal_counts(images, real, seed)
+        embeddings = embed_images(clip, images.transpose(0, 3, 1, 2))
+        features = embeddings.double().numpy()
+        row = {"family": family, "images": len(images), "compared": len(mine),
+               "FD_domain_clip": frechet_distance(*feature_statistics(features[mine]),
+                                                  *feature_statistics(real_embeddings[theirs])),
+               "KID_domain_clip": kernel_distance(real_embeddings[theirs], features[mine], seed=seed)[0],
+               **precision_recall(real_embeddings[theirs], features[mine])}
+        row.pop("f_score")
+        if weights:
+            own = inception_features(images[mine], weights)
+            row["FID"] = frechet_distance(*feature_statistics(own), *feature_statistics(real_inception[theirs]))
+            row["KID_inception"] = kernel_distance(real_inception[theirs], own, seed=seed)[0]
+        else:
+            row["FID"] = row["KID_inception"] = float("nan")
+        row["NIQE_generated"] = float(np.mean([niqe(image, niqe_block) for image in images[mine]]))
+        row["NIQE_real"] = real_niqe
+        row["MS_SSIM_within_class"], _ = within_class_ms_ssim(images, classes, seed=seed)
+        row["MS_SSIM_within_class_real"] = real_ms_ssim
+        row["MS_SSIM_window"] = window
+        texts = embed_texts(clip, tokenizer, [prompts[c] for c in classes])
+        row["domain_clip_score"] = float(100 * (embeddings * texts).sum(dim=1).mean())
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        row["alignment_macro"] = probe.accuracy_of(pixels, classes)["macro_accuracy"]
+        row["niqe_block"] = niqe_block
+        rows.append(row)
+    return pd.DataFrame(rows), note
+
+
+def plot_fidelity(table: pd.DataFrame):
+    """One panel per metric, one bar per family (the `real` row is the floor / ceiling to compare with)."""
+    import matplotlib.pyplot as plt
+
+    metrics = [("FD_domain_clip", "FD (domain CLIP) ↓"), ("KID_domain_clip", "KID (domain CLIP) ↓"),
+               ("FID", "FID (InceptionV3) ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
+               ("NIQE_generated", "NIQE ↓"), ("MS_SSIM_within_class", "MS-SSIM within class ↓ (diversity)"),
+               ("domain_clip_score", "domain CLIP score ↑"), ("alignment_macro", "classifier alignment ↑")]
+    metrics = [(m, t) for m, t in metrics if table[m].notna().any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
+    colours = ["0.6" if f == "real" else f"C{i}" for i, f in enumerate(table["family"])]
+    for ax, (metric, title) in zip(axes[0], metrics):
+        ax.bar(range(len(table)), table[metric], color=colours)
+        ax.set_xticks(range(len(table)), table["family"], rotation=60, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,76 @@
+"""The fidelity protocol on a tiny data set: a "generator" that returns real images scores near the
+real floor, one that returns noise scores far from it, on equal sample counts; FID is reported
+missing, with where the weights were looked for, when there are none."""
+
+import numpy as np
+import pytest
+
+from medsyn.data.curate import read_metadata
+from medsyn.metrics.class_probe import train_class_probe
+from medsyn.metrics.evaluate import equal_counts, fidelity_table, load_dataset, plot_fidelity
+from medsyn.models.domain_clip import train_domain_clip
+from medsyn.sampling import write_generated_dataset
+from tiny_models import write_tiny_dataset
+
+SMALL = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_tiny_dataset(root / "data", size=32, n=48)
+    records = read_metadata(data)
+    clip = train_domain_clip(data, root / "clip", epochs=20, batch_size=16, lr=1e-3, config=SMALL, progress=False)
+    probe = train_class_probe(data, [r for r in records if r["split"] == "train"], epochs=20, seed=0, progress=False)
+    probe.save(root / "probe.pt")
+    images, train = load_dataset(data, "train")
+    prompts = ["A cyan bar.", "A red disc."]
+    classes = [{"specialty": "tiny", "image_type": "phantom", "labels": [label]} for label in ("bar", "disc")]
+    settings = {"scheduler": "none", "steps": 0, "guidance_scale": 0}
+    copies = [{"prompt_id": prompts.index(r["text"]), "prompt": r["text"], "seed": i, "image": image}
+              for i, (r, image) in enumerate(zip(train, images))]
+    rng = np.random.default_rng(0)
+    noise = [{**s, "image": rng.integers(0, 256, s["image"].shape, dtype=np.uint8)} for s in copies[:30]]
+    write_generated_dataset(copies, root / "copies", "copies", classes, settings)
+    write_generated_dataset(noise, root / "noise", "noise", classes, settings)
+    return {"data": data, "clip": clip["model_dir"], "probe": root / "probe.pt", "root": root}
+
+
+def test_real_copies_score_near_the_floor_and_noise_far_from_it(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("MEDSYN_INCEPTION_WEIGHTS", raising=False)
+    table, note = fidelity_table(setup["data"], {"copies": setup["root"] / "copies", "noise": setup["root"] / "noise"},
+                                 setup["clip"], setup["probe"], real_split="validation", niqe_block=16)
+    rows = table.set_index("family")
+    assert list(rows.index) == ["real", "copies", "noise"]
+    assert (rows["compared"] == 8).all()  # 8 validation images: every set is compared on 8
+    assert rows.loc["copies", "FD_domain_clip"] < 0.5 * rows.loc["noise", "FD_domain_clip"]
+    assert rows.loc["copies", "alignment_macro"] == 1.0 and rows.loc["noise", "alignment_macro"] <= 0.75
+    assert rows.loc["copies", "domain_clip_score"] > rows.loc["noise", "domain_clip_score"]
+    assert rows.loc["noise", "precision"] == 0.0
+    assert table["MS_SSIM_within_class"].isna().all()  # 32 px: too small for five scales (64 px is tested below)
+    assert table["FID"].isna().all() and "FID not computed" in note and str(tmp_path / "torch_home") in note
+    assert plot_fidelity(table).axes
+
+
+def test_within_class_ms_ssim_tells_copies_from_noise():
+    from medsyn.metrics.evaluate import within_class_ms_ssim
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    same = np.concatenate([np.repeat(base[:1], 3, axis=0), np.repeat(base[1:], 3, axis=0)])
+    classes = ["a"] * 3 + ["b"] * 3
+    assert within_class_ms_ssim(same, classes, pairs=6) == (pytest.approx(1.0, abs=1e-5), 3)
+    noise = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    assert within_class_ms_ssim(noise, classes, pairs=6)[0] < 0.2
+
+
+def test_equal_counts_and_unknown_prompts(setup, tmp_path):
+    a, b = equal_counts(np.zeros(10), np.zeros(4), seed=1)
+    assert len(a) == len(b) == 4 and len(set(a)) == 4
+    stranger = [{"prompt_id": 0, "prompt": "A green star.", "seed": 0, "image": np.zeros((32, 32, 3), np.uint8)}] * 2
+    write_generated_dataset(stranger, tmp_path / "stranger", "x", [{"labels": ["star"]}], {})
+    with pytest.raises(ValueError, match="no class's caption"):
+        fidelity_table(setup["data"], {"x": tmp_path / "stranger"}, setup["clip"], setup["probe"],
+                       real_split="validation", niqe_block=16)
