@@ -7,7 +7,7 @@ import pytest
 
 from medsyn.data.curate import read_metadata
 from medsyn.metrics.class_probe import train_class_probe
-from medsyn.metrics.evaluate import equal_counts, fidelity_table, load_dataset, plot_fidelity
+from medsyn.metrics.evaluate import equal_counts, fidelity_table, load_dataset, plot_fidelity, plot_real_and_generated
 from medsyn.models.domain_clip import train_domain_clip
 from medsyn.sampling import write_generated_dataset
 from tiny_models import write_tiny_dataset
@@ -52,6 +52,8 @@ def test_real_copies_score_near_the_floor_and_noise_far_from_it(setup, tmp_path,
     assert table["MS_SSIM_within_class"].isna().all()  # 32 px: too small for five scales (64 px is tested below)
     assert table["FID"].isna().all() and "FID not computed" in note and str(tmp_path / "torch_home") in note
     assert plot_fidelity(table).axes
+    figure = plot_real_and_generated(setup["data"], {"copies": setup["root"] / "copies"}, split="validation")
+    assert len(figure.axes) == 2 * 2 * 2  # 2 classes x (real, copies) x 2 images
 
 
 def test_within_class_ms_ssim_tells_copies_from_noise():

@@ -150,3 +150,31 @@ def plot_fidelity(table: pd.DataFrame):
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_real_and_generated(real_dir: str | Path, generated: dict[str, str | Path], per_cell: int = 2,
+                            split: str = "test"):
+    """One row per class, one column block per image source: `per_cell` real images of the class
+    (from `split`) beside `per_cell` generated images of each family for the class's prompt."""
+    import matplotlib.pyplot as plt
+
+    real_records = [r for r in read_metadata(real_dir) if r["split"] == split]
+    prompts = class_prompts([r for r in read_metadata(real_dir) if r["split"] == "train"])
+    sources = {"real": (real_dir, {k: [r for r in real_records if class_key(r) == k][:per_cell] for k in prompts})}
+    for family, directory in generated.items():
+        records = read_metadata(directory)
+        sources[family] = (directory, {k: [r for r in records if r["text"] == p][:per_cell] for k, p in prompts.items()})
+    columns = len(sources) * per_cell
+    fig, axes = plt.subplots(len(prompts), columns, figsize=(columns * 0.9 + 2.8, len(prompts) * 0.9), squeeze=False)
+    for row, key in enumerate(prompts):
+        for block, (name, (directory, by_class)) in enumerate(sources.items()):
+            for k in range(per_cell):
+                ax = axes[row, block * per_cell + k]
+                ax.axis("off")
+                if k < len(by_class[key]):
+                    ax.imshow(Image.open(Path(directory) / by_class[key][k]["file_name"]).convert("RGB"))
+                if row == 0 and k == 0:
+                    ax.set_title(name, fontsize=8, loc="left")
+        axes[row, 0].text(-0.1, 0.5, key, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=6)
+    fig.subplots_adjust(left=0.25, wspace=0.04, hspace=0.04)
+    return fig
