@@ -76,3 +76,22 @@ def test_equal_counts_and_unknown_prompts(setup, tmp_path):
     with pytest.raises(ValueError, match="no class's caption"):
         fidelity_table(setup["data"], {"x": tmp_path / "stranger"}, setup["clip"], setup["probe"],
                        real_split="validation", niqe_block=16)
+
+
+def test_memorisation_finds_copies_and_the_planted_control(setup):
+    from medsyn.metrics.evaluate import memorisation_pairs, plot_closest_pairs, plot_distances
+    from medsyn.metrics.privacy import COPY_THRESHOLD, memorisation_table
+
+    generated = {"copies": setup["root"] / "copies", "noise": setup["root"] / "noise"}
+    pairs = memorisation_pairs(setup["data"], generated, setup["clip"], seed=3)
+    assert len(pairs) == 40 + 30 + 2  # every generated image plus one planted copy per family
+    planted = pairs[pairs["planted"]]
+    assert (planted["tiled_l2"] == 0).all()
+    assert all(row.file_name == f"planted copy of {row.nearest_training}" for row in planted.itertuples())
+    copies, noise = (pairs[(pairs["family"] == f) & ~pairs["planted"]] for f in ("copies", "noise"))
+    assert (copies["tiled_l2"] <= COPY_THRESHOLD).all()  # a generator that returns training images is caught
+    assert (noise["tiled_l2"] > COPY_THRESHOLD).all()
+    table = memorisation_table(noise["tiled_l2"], noise["specialty"].tolist()).set_index("specialty")
+    assert table.loc["all", "pairs"] == 30 and table.loc["all", "wilcoxon_p_greater"] < 1e-6
+    assert plot_distances(pairs, COPY_THRESHOLD).axes
+    assert len(plot_closest_pairs(pairs, setup["data"], generated, per_family=3).axes) == 2 * 6

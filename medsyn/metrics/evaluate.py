@@ -178,3 +178,93 @@ def plot_real_and_generated(real_dir: str | Path, generated: dict[str, str | Pat
         axes[row, 0].text(-0.1, 0.5, key, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=6)
     fig.subplots_adjust(left=0.25, wspace=0.04, hspace=0.04)
     return fig
+
+
+# ---------------------------------------------------------------- memorisation (notebook 07)
+
+def memorisation_pairs(real_dir: str | Path, generated: dict[str, str | Path], domain_clip_dir: str | Path,
+                       grid: int = 4, plant_copy: bool = True, seed: int = 0, chunk: int = 65536) -> pd.DataFrame:
+    """MediSyn's memorisation check (Methods 4.3.4) for each generated dataset: every generated image's
+    nearest training image by cosine similarity of image embeddings, searched only among training
+    images of the same specialty and image type, and the tiled distance of the pair.
+
+    With `plant_copy`, one training image per family (a seeded draw) is added to that family's images
+    as a control, marked `planted`; it must come out as its own neighbour at distance 0.
+
+    Returns:
+        one row per generated image: family, file, specialty, image_type, planted, nearest training
+        file, cosine similarity, tiled distance; a generated image whose kind has no training image
+        is kept with an empty neighbour and NaN distance.
+    """
+    from medsyn.metrics.privacy import nearest_in_group, tiled_l2
+    from medsyn.models.domain_clip import embed_images, load_domain_clip
+
+    clip, _ = load_domain_clip(domain_clip_dir)
+    training, training_records = load_dataset(real_dir, "train")
+    training_embeddings = embed_images(clip, training.transpose(0, 3, 1, 2))
+    training_groups = [(r.get("specialty"), r.get("image_type")) for r in training_records]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for family, directory in generated.items():
+        images, records = load_dataset(directory)
+        planted = np.zeros(len(images), dtype=bool)
+        if plant_copy:
+            k = int(rng.integers(len(training)))
+            images = np.concatenate([images, training[k:k + 1]])
+            records = [*records, {**training_records[k], "file_name": f"planted copy of {training_records[k]['file_name']}"}]
+            planted = np.append(planted, True)
+        groups = [(r.get("specialty"), r.get("image_type")) for r in records]
+        index, similarity = nearest_in_group(embed_images(clip, images.transpose(0, 3, 1, 2)), groups,
+                                             training_embeddings, training_groups, chunk)
+        for i, record in enumerate(records):
+            j = index[i]
+            rows.append({"family": family, "file_name": record["file_name"], "specialty": record.get("specialty"),
+                         "image_type": record.get("image_type"), "planted": bool(planted[i]),
+                         "nearest_training": training_records[j]["file_name"] if j >= 0 else "",
+                         "cosine": similarity[i], "tiled_l2": tiled_l2(images[i], training[j], grid) if j >= 0 else np.nan})
+    return pd.DataFrame(rows)
+
+
+def plot_distances(pairs: pd.DataFrame, threshold: float):
+    """MediSyn Fig. 4: per family, the tiled distance of each generated image to its nearest training
+    image, by specialty, with the copy threshold."""
+    import matplotlib.pyplot as plt
+
+    pairs = pairs[~pairs["planted"]]
+    families = list(dict.fromkeys(pairs["family"]))
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False, sharey=True)
+    for ax, family in zip(axes[0], families):
+        mine = pairs[pairs["family"] == family]
+        specialties = sorted(mine["specialty"].dropna().unique())
+        ax.boxplot([mine.loc[mine["specialty"] == s, "tiled_l2"].dropna() for s in specialties], showfliers=True)
+        ax.set_xticks(range(1, len(specialties) + 1), specialties, rotation=45, ha="right", fontsize=8)
+        ax.axhline(threshold, color="C3", linestyle="--", label=f"copy threshold {threshold:g}")
+        ax.set_title(family, fontsize=10)
+    axes[0, 0].set_ylabel("tiled L2 to the nearest training image")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_closest_pairs(pairs: pd.DataFrame, real_dir: str | Path, generated: dict[str, str | Path], per_family: int = 6):
+    """MediSyn Extended Data Fig. 1: each family's closest generated / training pairs side by side."""
+    import matplotlib.pyplot as plt
+
+    pairs = pairs[~pairs["planted"] & pairs["tiled_l2"].notna()]
+    families = list(generated)
+    fig, axes = plt.subplots(len(families), 2 * per_family, figsize=(2 * per_family * 0.95, len(families) * 1.25),
+                             squeeze=False)
+    for row, family in enumerate(families):
+        closest = pairs[pairs["family"] == family].nsmallest(per_family, "tiled_l2")
+        for k in range(per_family):
+            for side in (0, 1):
+                ax = axes[row, 2 * k + side]
+                ax.axis("off")
+                if k < len(closest):
+                    pair = closest.iloc[k]
+                    path = (Path(generated[family]) / pair["file_name"]) if side == 0 else Path(real_dir) / pair["nearest_training"]
+                    ax.imshow(Image.open(path).convert("RGB"))
+                    ax.set_title(f"d={pair['tiled_l2']:.2f}" if side == 0 else "training", fontsize=6)
+        axes[row, 0].text(-0.15, 0.5, family, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.subplots_adjust(left=0.12, wspace=0.05, hspace=0.3)
+    return fig
