@@ -5,13 +5,18 @@ import subprocess
 import sys
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
 from medsyn.chain import ChainError, load_profile, notebook_parameters, reproduce
+from medsyn.data.curate import read_metadata
+from medsyn.data.tables import class_prompts
 
 
-def test_smoke_profile_runs_the_chain_end_to_end(tmp_path):
+def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no Inception weights: FID must be left out
+    monkeypatch.delenv("MEDSYN_INCEPTION_WEIGHTS", raising=False)
     run_dir = reproduce("smoke", tmp_path / "run", progress=False)
     record = json.loads((run_dir / "run.json").read_text())
     assert [n["status"] for n in record["notebooks"]] == ["ok"] * len(record["profile"]["notebooks"])
@@ -33,6 +38,18 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path):
         assert (run_dir / "figures" / f"alignment_{family}.csv.provenance.json").is_file(), family
     assert (run_dir / "models" / "domain_clip" / "model" / "open_clip_config.json").is_file()
     assert (run_dir / "models" / "domain_clip" / "text_encoder_sd" / "text_encoder" / "config.json").is_file()
+    # 05-07: a generated dataset per family, the fidelity table, the privacy table with its planted controls
+    classes = class_prompts([r for r in read_metadata(run_dir / "data" / "curated") if r["split"] == "train"])
+    for family in ("ldm-compact", "ldm-finetune", "dit-hldf"):
+        assert len(read_metadata(run_dir / "data" / "generated" / family)) == 2 * len(classes)
+    for name in ("sampling.csv", "generated_vs_real.png", "fidelity.csv", "fidelity.png", "privacy_pairs.csv",
+                 "privacy_table.csv", "privacy_distances.png", "privacy_closest_pairs.png"):
+        assert (run_dir / "figures" / f"{name}.provenance.json").is_file(), name
+    fidelity = pd.read_csv(run_dir / "figures" / "fidelity.csv").set_index("family")
+    assert list(fidelity.index) == ["real", "ldm-compact", "ldm-finetune", "dit-hldf"]
+    assert fidelity["FD_domain_clip"].notna().all() and fidelity["FID"].isna().all()  # no Inception weights here
+    pairs = pd.read_csv(run_dir / "figures" / "privacy_pairs.csv")
+    assert (pairs.loc[pairs["planted"], "tiled_l2"] == 0).all() and pairs["planted"].sum() == 3
 
 
 def _notebook(path, cells):

@@ -5,7 +5,7 @@ with the same real images, on equal sample counts, as uint8 images read from the
 |---|---|
 | `FID`, `KID_inception` | FID and KID on the TF-compatible InceptionV3 (only when its weights are on disk; otherwise NaN and `inception_note` says where they were looked for) |
 | `FD_domain_clip`, `KID_domain_clip` | the same distances on the domain CLIP's image embeddings: never called FID |
-| `precision`, `recall` | improved precision / recall (k = 3) on the domain CLIP's embeddings |
+| `precision`, `recall` | improved precision / recall (k = 3) on the domain CLIP's embeddings (NaN with 3 images or fewer) |
 | `NIQE_generated`, `NIQE_real` | mean NIQE (LIVE's model; `niqe_block` pixels per block, reported) |
 | `MS_SSIM_within_class` | mean MS-SSIM of random same-class pairs (lower: more diverse), with the real value beside it (NaN under 33 px) |
 | `domain_clip_score` | mean cosine similarity of each image and its prompt in the domain CLIP, × 100 |
@@ -110,9 +110,12 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
         row = {"family": family, "images": len(images), "compared": len(mine),
                "FD_domain_clip": frechet_distance(*feature_statistics(features[mine]),
                                                   *feature_statistics(real_embeddings[theirs])),
-               "KID_domain_clip": kernel_distance(real_embeddings[theirs], features[mine], seed=seed)[0],
-               **precision_recall(real_embeddings[theirs], features[mine])}
-        row.pop("f_score")
+               "KID_domain_clip": kernel_distance(real_embeddings[theirs], features[mine], seed=seed)[0]}
+        if len(mine) > 3:  # the k = 3 neighbourhoods need more samples
+            row.update(precision_recall(real_embeddings[theirs], features[mine]))
+            row.pop("f_score")
+        else:
+            row["precision"] = row["recall"] = float("nan")
         if weights:
             own = inception_features(images[mine], weights)
             row["FID"] = frechet_distance(*feature_statistics(own), *feature_statistics(real_inception[theirs]))

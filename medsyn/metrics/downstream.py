@@ -1,0 +1,198 @@
+"""Downstream utility (MediSyn 2.3 / Methods 4.3.5): does adding synthetic images to a small real
+training set help a classifier? A ResNet-50 (torchvision) is trained on (i) `n_real` real images,
+(ii) half of them, (iii) that half plus as many synthetic images with the same classes, and each is
+tested on the same real held-out images by macro-AUROC; the differences get paired bootstrap
+confidence intervals (resampling the test images, 2,000 times in the paper).
+
+A task is one source of the curated dataset: multi-label when its images carry several labels
+(CheXpert's observations), multi-class otherwise. ImageNet weights are used only from a local file.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsyn.data.tables import class_key, class_prompts
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def task_targets(records: list[dict], labels: list[str], multilabel: bool) -> np.ndarray:
+    """Multi-hot N x L targets (multi-label) or class indices N (multi-class) over `labels`."""
+    if multilabel:
+        return np.array([[label in r["labels"] for label in labels] for r in records], dtype=np.float32)
+    unknown = {tuple(r["labels"]) for r in records if len(r["labels"]) != 1 or r["labels"][0] not in labels}
+    if unknown:
+        raise ValueError(f"multi-class records need exactly one known label; got {sorted(unknown)[:3]}")
+    return np.array([labels.index(r["labels"][0]) for r in records])
+
+
+def task_labels(records: list[dict]) -> tuple[list[str], bool]:
+    """A source's label vocabulary and whether it is multi-label (some image carries several labels)."""
+    labels = sorted({label for r in records for label in r["labels"]})
+    return labels, any(len(r["labels"]) > 1 for r in records)
+
+
+def training_sets(real: list[dict], synthetic: list[dict], n_real: int, seed: int = 0) -> dict[str, list[dict]]:
+    """The three training sets: 'real' (n_real real records), 'real_half' (half of those) and
+    'real_half+synthetic' (that half plus, class by class, as many synthetic records of the same
+    class; a synthetic record's class is the real class whose caption is its prompt).
+
+    Raises:
+        ValueError: fewer real records than n_real, or too few synthetic images of a class.
+    """
+    if len(real) < n_real:
+        raise ValueError(f"{n_real} real training images asked for, {len(real)} available")
+    rng = np.random.default_rng(seed)
+    full = [real[i] for i in sorted(rng.choice(len(real), n_real, replace=False))]
+    half = [full[i] for i in sorted(rng.choice(n_real, n_real // 2, replace=False))]
+    class_of_prompt = {prompt: key for key, prompt in class_prompts(real).items()}
+    by_class: dict[str, list[dict]] = {}
+    for record in synthetic:
+        by_class.setdefault(class_of_prompt.get(record["text"]), []).append(record)
+    added = []
+    for key, count in sorted(_counts(half).items()):
+        pool = by_class.get(key, [])
+        if len(pool) < count:
+            raise ValueError(f"class {key!r}: {count} synthetic images needed, {len(pool)} generated; sample more per prompt")
+        added += [pool[i] for i in sorted(rng.choice(len(pool), count, replace=False))]
+    return {"real": full, "real_half": half, "real_half+synthetic": half + added}
+
+
+def _counts(records: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[class_key(record)] = counts.get(class_key(record), 0) + 1
+    return counts
+
+
+def macro_auroc(targets: np.ndarray, scores: np.ndarray, multilabel: bool) -> float:
+    """Macro-averaged AUROC (scikit-learn): per label (multi-label) or one-vs-rest per class
+    (multi-class), over the labels / classes present with both outcomes in `targets`."""
+    from sklearn.metrics import roc_auc_score
+
+    onehot = targets if multilabel else np.eye(scores.shape[1])[targets]
+    present = [j for j in range(onehot.shape[1]) if 0 < onehot[:, j].sum() < len(onehot)]
+    if not present:
+        raise ValueError("no label has both positive and negative test images: AUROC is undefined")
+    return float(np.mean([roc_auc_score(onehot[:, j], scores[:, j]) for j in present]))
+
+
+def paired_bootstrap(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, multilabel: bool,
+                     resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Macro-AUROC of B minus A on the test set, with a 95 % percentile interval from resampling
+    the test images with replacement (the same resample for both: a paired bootstrap).
+
+    Returns:
+        {'difference', 'low', 'high', 'resamples'} (resamples whose AUROC was undefined are skipped
+        and not counted).
+    """
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(targets), len(targets))
+        try:
+            differences.append(macro_auroc(targets[index], scores_b[index], multilabel)
+                               - macro_auroc(targets[index], scores_a[index], multilabel))
+        except ValueError:
+            continue
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"difference": macro_auroc(targets, scores_b, multilabel) - macro_auroc(targets, scores_a, multilabel),
+            "low": float(low), "high": float(high), "resamples": len(differences)}
+
+
+def resnet50(outputs: int, imagenet_weights: str | Path | None = None) -> tuple[nn.Module, str]:
+    """torchvision's ResNet-50 with an `outputs`-way head; ImageNet weights from a local file only.
+    Returns the model and how it was initialised, for the record."""
+    from torchvision.models import resnet50 as build
+
+    model = build(weights=None)
+    if imagenet_weights is not None:
+        path = Path(imagenet_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"ImageNet weights not found: {path} (medsyn never downloads weights)")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        initialisation = f"ImageNet weights from {path}"
+    else:
+        initialisation = "random initialisation (no ImageNet weights given)"
+    model.fc = nn.Linear(model.fc.in_features, outputs)
+    return model, initialisation
+
+
+def _inputs(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, multilabel: bool, batch_size: int = 64) -> np.ndarray:
+    """Sigmoid (multi-label) or softmax (multi-class) scores of uint8 N x H x W x 3 images."""
+    model.eval()
+    logits = torch.cat([model(_inputs(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy()
+
+
+def train_classifier(images: np.ndarray, targets: np.ndarray, val_images: np.ndarray, val_targets: np.ndarray,
+                     outputs: int, multilabel: bool, epochs: int = 15, lr: float = 1e-4, batch_size: int = 32,
+                     imagenet_weights: str | Path | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """MediSyn's downstream classifier: ResNet-50, AdamW at `lr`, `epochs` epochs with horizontal
+    flips, the epoch with the best validation macro-AUROC kept.
+
+    Returns:
+        {'model' (the best epoch's weights), 'initialisation', 'val_auroc' per epoch, 'best_epoch', 'loss' per epoch}.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model, initialisation = resnet50(outputs, imagenet_weights)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+    loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+    y = torch.from_numpy(targets) if multilabel else torch.from_numpy(targets).long()
+    generator = torch.Generator().manual_seed(seed)
+    best, best_state, history, losses = -1.0, None, [], []
+    for _ in tqdm(range(epochs), desc="resnet50", unit="epoch", disable=not progress):
+        model.train()
+        order, total = torch.randperm(len(images), generator=generator), 0.0
+        for start in range(0, len(images), batch_size):
+            index = order[start:start + batch_size]
+            x = _inputs(images[index.numpy()])
+            flip = torch.rand(len(index), generator=generator) < 0.5
+            x[flip] = x[flip].flip(-1)
+            loss = loss_fn(model(x), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        losses.append(total / len(images))
+        history.append(macro_auroc(val_targets, predict(model, val_images, multilabel), multilabel))
+        if history[-1] > best:
+            best, best_state = history[-1], {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return {"model": model, "initialisation": initialisation, "val_auroc": history,
+            "best_epoch": int(np.argmax(history)) + 1, "loss": losses}
+
+
+def plot_roc(targets: np.ndarray, scores: dict[str, np.ndarray], multilabel: bool, title: str):
+    """MediSyn Fig. 5: the macro-average ROC curve of each training set on the same test images."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    grid = np.linspace(0, 1, 201)
+    for name, score in scores.items():
+        onehot = targets if multilabel else np.eye(score.shape[1])[targets]
+        curves = []
+        for j in range(onehot.shape[1]):
+            if 0 < onehot[:, j].sum() < len(onehot):
+                fpr, tpr, _ = roc_curve(onehot[:, j], score[:, j])
+                curves.append(np.interp(grid, fpr, tpr))
+        ax.plot(grid, np.mean(curves, axis=0), label=f"{name} (AUROC {macro_auroc(targets, score, multilabel):.3f})")
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

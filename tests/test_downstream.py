@@ -1,0 +1,95 @@
+"""Downstream utility pieces: AUROC against pair counting, the paired bootstrap against hand-made
+cases, the three training sets, and a ResNet-50 that learns two classes and keeps its best epoch."""
+
+import numpy as np
+import pytest
+import torch
+
+from medsyn.metrics.downstream import (macro_auroc, paired_bootstrap, plot_roc, resnet50, task_labels, task_targets,
+                                       train_classifier, training_sets)
+
+
+def _auroc_by_pairs(y, s):
+    """The share of (positive, negative) pairs ordered correctly, ties counting half."""
+    pos, neg = s[y == 1], s[y == 0]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+def test_macro_auroc_is_the_mean_of_per_label_pair_counts():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((40, 3)) < 0.4).astype(np.float32)
+    scores = np.round(targets * 0.3 + rng.random((40, 3)), 1)  # rounded: some ties
+    expected = np.mean([_auroc_by_pairs(targets[:, j], scores[:, j]) for j in range(3)])
+    assert macro_auroc(targets, scores, multilabel=True) == pytest.approx(expected)
+    classes = rng.integers(0, 3, 40)
+    probabilities = rng.dirichlet(np.ones(3), 40)
+    expected = np.mean([_auroc_by_pairs((classes == j).astype(int), probabilities[:, j]) for j in range(3)])
+    assert macro_auroc(classes, probabilities, multilabel=False) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="undefined"):
+        macro_auroc(np.ones((5, 2)), rng.random((5, 2)), multilabel=True)
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 80)
+    noisy = np.stack([1 - y + rng.normal(0, 1, 80), y + rng.normal(0, 1, 80)], axis=1)
+    clean = np.stack([1 - y + rng.normal(0, 0.2, 80), y + rng.normal(0, 0.2, 80)], axis=1)
+    same = paired_bootstrap(y, noisy, noisy, multilabel=False, resamples=200)
+    assert same["difference"] == 0 and same["low"] == 0 and same["high"] == 0  # paired: identical scores never differ
+    better = paired_bootstrap(y, noisy, clean, multilabel=False, resamples=200)
+    assert better["low"] > 0 and better["low"] <= better["difference"] <= better["high"]
+    assert better["resamples"] == 200
+    assert paired_bootstrap(y, noisy, clean, False, resamples=200) == better  # seeded
+
+
+def _records(n, source="derm", labels=("melanoma", "nevus"), synthetic=False):
+    return [{"file_name": f"{i}.png", "source": source, "labels": [labels[i % 2]],
+             "text": f"Dermoscopy image showing {labels[i % 2]}.", **({"model": "x"} if synthetic else {})}
+            for i in range(n)]
+
+
+def test_training_sets_are_nested_and_class_matched():
+    real, synthetic = _records(40), _records(30, synthetic=True)
+    for r in synthetic:
+        r["source"] = "x"  # a generated record's source is its model; its class comes from its prompt
+    sets = training_sets(real, synthetic, n_real=20, seed=3)
+    assert len(sets["real"]) == 20 and len(sets["real_half"]) == 10
+    assert all(r in sets["real"] for r in sets["real_half"])
+    added = sets["real_half+synthetic"][10:]
+    assert len(added) == 10 and all("model" in r for r in added)
+    half_labels = sorted(r["labels"][0] for r in sets["real_half"])
+    assert sorted(r["labels"][0] for r in added) == half_labels  # the same classes, image for image
+    with pytest.raises(ValueError, match="synthetic images needed"):
+        training_sets(real, synthetic[:4], n_real=20)
+    with pytest.raises(ValueError, match="available"):
+        training_sets(real, synthetic, n_real=50)
+
+
+def test_task_targets():
+    records = [{"labels": ["effusion"]}, {"labels": ["cardiomegaly", "effusion"]}, {"labels": ["no finding"]}]
+    labels, multilabel = task_labels(records)
+    assert multilabel and labels == ["cardiomegaly", "effusion", "no finding"]
+    assert task_targets(records, labels, True).tolist() == [[0, 1, 0], [1, 1, 0], [0, 0, 1]]
+    assert task_targets(records[::2], labels, False).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="exactly one"):
+        task_targets(records, labels, False)
+
+
+def test_resnet50_learns_two_classes_and_keeps_its_best_epoch(tmp_path):
+    rng = np.random.default_rng(2)
+    y = np.arange(48) % 2
+    images = np.full((48, 32, 32, 3), 40, np.uint8)
+    images[y == 1, 8:24, 8:24] = (230, 80, 80)  # a red square or not
+    images = np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8)
+    result = train_classifier(images[:32], y[:32], images[32:], y[32:], outputs=2, multilabel=False, epochs=4, lr=1e-3,
+                              batch_size=16, progress=False)
+    assert max(result["val_auroc"]) > 0.95 and result["initialisation"].startswith("random")
+    assert result["best_epoch"] == int(np.argmax(result["val_auroc"])) + 1
+    from medsyn.metrics.downstream import predict
+    assert macro_auroc(y[32:], predict(result["model"], images[32:], False), False) == max(result["val_auroc"])
+    assert plot_roc(y[32:], {"a": predict(result["model"], images[32:], False)}, False, "t").axes
+    # ImageNet weights only from a local file
+    torch.save(resnet50(1000)[0].state_dict(), tmp_path / "imagenet.pth")
+    assert resnet50(2, tmp_path / "imagenet.pth")[1] == f"ImageNet weights from {tmp_path / 'imagenet.pth'}"
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        resnet50(2, tmp_path / "missing.pth")
