@@ -93,3 +93,11 @@ def test_resnet50_learns_two_classes_and_keeps_its_best_epoch(tmp_path):
     assert resnet50(2, tmp_path / "imagenet.pth")[1] == f"ImageNet weights from {tmp_path / 'imagenet.pth'}"
     with pytest.raises(FileNotFoundError, match="never downloads"):
         resnet50(2, tmp_path / "missing.pth")
+
+
+def test_real_sets_do_not_depend_on_the_synthetic_pool():
+    real, synthetic = _records(40), _records(30, synthetic=True)
+    alone = training_sets(real, None, n_real=20, seed=5)
+    assert set(alone) == {"real", "real_half"}
+    with_synthetic = training_sets(real, synthetic, n_real=20, seed=5)
+    assert alone["real"] == with_synthetic["real"] and alone["real_half"] == with_synthetic["real_half"]

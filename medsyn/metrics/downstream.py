@@ -35,10 +35,11 @@ def task_labels(records: list[dict]) -> tuple[list[str], bool]:
     return labels, any(len(r["labels"]) > 1 for r in records)
 
 
-def training_sets(real: list[dict], synthetic: list[dict], n_real: int, seed: int = 0) -> dict[str, list[dict]]:
+def training_sets(real: list[dict], synthetic: list[dict] | None, n_real: int, seed: int = 0) -> dict[str, list[dict]]:
     """The three training sets: 'real' (n_real real records), 'real_half' (half of those) and
     'real_half+synthetic' (that half plus, class by class, as many synthetic records of the same
-    class; a synthetic record's class is the real class whose caption is its prompt).
+    class; a synthetic record's class is the real class whose caption is its prompt). The real sets
+    depend only on (real, n_real, seed); with `synthetic` None only they are returned.
 
     Raises:
         ValueError: fewer real records than n_real, or too few synthetic images of a class.
@@ -48,6 +49,8 @@ def training_sets(real: list[dict], synthetic: list[dict], n_real: int, seed: in
     rng = np.random.default_rng(seed)
     full = [real[i] for i in sorted(rng.choice(len(real), n_real, replace=False))]
     half = [full[i] for i in sorted(rng.choice(n_real, n_real // 2, replace=False))]
+    if synthetic is None:
+        return {"real": full, "real_half": half}
     class_of_prompt = {prompt: key for key, prompt in class_prompts(real).items()}
     by_class: dict[str, list[dict]] = {}
     for record in synthetic:
