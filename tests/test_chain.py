@@ -41,7 +41,7 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     # 05-07: a generated dataset per family, the fidelity table, the privacy table with its planted controls
     classes = class_prompts([r for r in read_metadata(run_dir / "data" / "curated") if r["split"] == "train"])
     for family in ("ldm-compact", "ldm-finetune", "dit-hldf"):
-        assert len(read_metadata(run_dir / "data" / "generated" / family)) == 2 * len(classes)
+        assert len(read_metadata(run_dir / "data" / "generated" / family)) == 3 * len(classes)
     for name in ("sampling.csv", "generated_vs_real.png", "fidelity.csv", "fidelity.png", "privacy_pairs.csv",
                  "privacy_table.csv", "privacy_distances.png", "privacy_closest_pairs.png"):
         assert (run_dir / "figures" / f"{name}.provenance.json").is_file(), name
@@ -50,6 +50,11 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     assert fidelity["FD_domain_clip"].notna().all() and fidelity["FID"].isna().all()  # no Inception weights here
     pairs = pd.read_csv(run_dir / "figures" / "privacy_pairs.csv")
     assert (pairs.loc[pairs["planted"], "tiled_l2"] == 0).all() and pairs["planted"].sum() == 3
+    # 08: three training sets plus one per family, and their bootstrap comparisons
+    downstream = pd.read_csv(run_dir / "figures" / "downstream.csv")
+    assert downstream["training_set"].tolist() == ["real", "real_half", "real_half+ldm-compact", "real_half+dit-hldf"]
+    assert (run_dir / "figures" / "downstream_roc_camelyon16.png.provenance.json").is_file()
+    assert len(pd.read_csv(run_dir / "figures" / "downstream_bootstrap.csv")) == 5
 
 
 def _notebook(path, cells):

@@ -95,3 +95,31 @@ def test_memorisation_finds_copies_and_the_planted_control(setup):
     assert table.loc["all", "pairs"] == 30 and table.loc["all", "wilcoxon_p_greater"] < 1e-6
     assert plot_distances(pairs, COPY_THRESHOLD).axes
     assert len(plot_closest_pairs(pairs, setup["data"], generated, per_family=3).axes) == 2 * 6
+
+
+def test_comparison_table_collects_each_familys_numbers(tmp_path):
+    import pandas as pd
+
+    from medsyn.metrics.evaluate import comparison_table
+
+    columns = ["FID", "FD_domain_clip", "KID_domain_clip", "precision", "recall", "NIQE_generated",
+               "MS_SSIM_within_class", "domain_clip_score", "alignment_macro"]
+    pd.DataFrame([{"family": f, **{c: i + k / 10 for k, c in enumerate(columns)}} for i, f in enumerate(["real", "a", "b"])]
+                 ).to_csv(tmp_path / "fidelity.csv", index=False)
+    pd.DataFrame([{"family": f, "specialty": s, "pairs": 10, "mean": 0.3, "sd": 0.1, "pairs_at_most_0.15": n,
+                   "wilcoxon_p_greater": 0.01} for f, n in (("a", 1), ("b", 0)) for s in ("derm", "all")]
+                 ).to_csv(tmp_path / "privacy_table.csv", index=False)
+    pd.DataFrame([{"task": t, "baseline": "real_half", "compared": f"real_half+{f}", "difference": d, "low": d - 0.1,
+                   "high": d + 0.1, "resamples": 100} for f, d in (("a", 0.02), ("b", -0.04)) for t in ("x", "y")]
+                 ).to_csv(tmp_path / "downstream_bootstrap.csv", index=False)
+    pd.DataFrame([{"family": f, "images": 10, "seconds_per_image": s} for f, s in (("a", 0.5), ("b", 2.0))]
+                 ).to_csv(tmp_path / "sampling.csv", index=False)
+    table = comparison_table(tmp_path, ["a", "b"])
+    assert table.loc["a", "FD_domain_clip"] == 1.1 and table.loc["b", "alignment_macro"] == pytest.approx(2.8)
+    assert table.loc["a", "likely_copies"] == "1 / 10" and table.loc["b", "likely_copies"] == "0 / 10"
+    assert table.loc["b", "auroc_gain_over_half_real"] == pytest.approx(-0.04)
+    assert table.loc["a", "auroc_gain_intervals"] == "x: [-0.080, +0.120]; y: [-0.080, +0.120]"
+    assert table.loc["b", "seconds_per_image"] == 2.0
+    (tmp_path / "sampling.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="sampling.csv is missing"):
+        comparison_table(tmp_path, ["a"])

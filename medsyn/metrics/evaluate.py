@@ -271,3 +271,64 @@ def plot_closest_pairs(pairs: pd.DataFrame, real_dir: str | Path, generated: dic
         axes[row, 0].text(-0.15, 0.5, family, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.12, wspace=0.05, hspace=0.3)
     return fig
+
+
+# ---------------------------------------------------------------- the cross-family comparison (notebook 09)
+
+def comparison_table(figures_dir: str | Path, families: list[str]) -> pd.DataFrame:
+    """One row per family from the tables notebooks 05-08 wrote into `figures_dir`: fidelity and
+    alignment (`fidelity.csv`), memorisation (`privacy_table.csv`, all specialties), downstream
+    utility (`downstream_bootstrap.csv`: the macro-AUROC gain of adding the family's images to the
+    half real set, averaged over tasks, with the tasks' intervals) and sampling cost (`sampling.csv`).
+
+    Raises:
+        FileNotFoundError: a table is missing (the notebook that writes it has not run).
+    """
+    figures = Path(figures_dir)
+    read = {}
+    for name in ("fidelity", "privacy_table", "downstream_bootstrap", "sampling"):
+        path = figures / f"{name}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the notebook that writes it first")
+        read[name] = pd.read_csv(path)
+    fidelity = read["fidelity"].set_index("family")
+    privacy = read["privacy_table"]
+    privacy = privacy[privacy["specialty"] == "all"].set_index("family")
+    boot = read["downstream_bootstrap"]
+    sampling = read["sampling"].set_index("family")
+    rows = []
+    for family in families:
+        gain = boot[(boot["baseline"] == "real_half") & (boot["compared"] == f"real_half+{family}")]
+        threshold_column = next(c for c in privacy.columns if c.startswith("pairs_at_most_"))
+        rows.append({
+            "family": family,
+            **{c: fidelity.loc[family, c] for c in ("FID", "FD_domain_clip", "KID_domain_clip", "precision", "recall",
+                                                    "NIQE_generated", "MS_SSIM_within_class", "domain_clip_score",
+                                                    "alignment_macro")},
+            "tiled_l2_mean": privacy.loc[family, "mean"],
+            "likely_copies": f"{int(privacy.loc[family, threshold_column])} / {int(privacy.loc[family, 'pairs'])}",
+            "auroc_gain_over_half_real": gain["difference"].mean() if len(gain) else float("nan"),
+            "auroc_gain_intervals": "; ".join(f"{t}: [{lo:+.3f}, {hi:+.3f}]" for t, lo, hi in
+                                              zip(gain["task"], gain["low"], gain["high"])),
+            "seconds_per_image": sampling.loc[family, "seconds_per_image"],
+        })
+    return pd.DataFrame(rows).set_index("family")
+
+
+def plot_comparison(table: pd.DataFrame):
+    """The cross-family comparison at a glance: one panel per criterion, one bar per family."""
+    import matplotlib.pyplot as plt
+
+    panels = [("FD_domain_clip", "fidelity: FD (domain CLIP) ↓"), ("alignment_macro", "alignment: classifier ↑"),
+              ("MS_SSIM_within_class", "diversity: MS-SSIM ↓"), ("tiled_l2_mean", "privacy: tiled L2 to nearest ↑"),
+              ("auroc_gain_over_half_real", "utility: AUROC gain ↑"), ("seconds_per_image", "cost: s / image ↓")]
+    panels = [(c, t) for c, t in panels if table[c].notna().any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.7 * len(panels), 3.0), squeeze=False)
+    for ax, (column, title) in zip(axes[0], panels):
+        ax.bar(range(len(table)), table[column], color=[f"C{i}" for i in range(len(table))])
+        ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        if column == "auroc_gain_over_half_real":
+            ax.axhline(0, color="0.5", linewidth=0.8)
+    fig.tight_layout()
+    return fig
