@@ -53,8 +53,13 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     # 08: three training sets plus one per family, and their bootstrap comparisons
     downstream = pd.read_csv(run_dir / "figures" / "downstream.csv")
     assert downstream["training_set"].tolist() == ["real", "real_half", "real_half+ldm-compact", "real_half+dit-hldf"]
-    assert (run_dir / "figures" / "downstream_roc_camelyon16.png.provenance.json").is_file()
+    assert (run_dir / "figures" / "downstream_roc_brats.png.provenance.json").is_file()
     assert len(pd.read_csv(run_dir / "figures" / "downstream_bootstrap.csv")) == 5
+    # 09: the comparison, and a blinded study ready to serve (no answers yet)
+    comparison = pd.read_csv(run_dir / "figures" / "comparison.csv").set_index("family")
+    assert list(comparison.index) == ["ldm-compact", "ldm-finetune", "dit-hldf"]
+    assert (run_dir / "reader_study" / "study.json").is_file()
+    assert (run_dir / "figures" / "reader_study.png.provenance.json").is_file()
 
 
 def _notebook(path, cells):
