@@ -315,6 +315,24 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
 
 
+def resume_step(accelerator, checkpoint_dir: str | Path, resume: bool) -> int:
+    """The step a loop starts from: that of the newest complete checkpoint, restored into the
+    accelerator (models, optimizer, LR scheduler, EMA, RNG states), or 0."""
+    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
+    return load_checkpoint(accelerator, checkpoint)["step"] if checkpoint else 0
+
+
+def optimizer_step(accelerator, parameters: list, optimizer, lr_scheduler, ema, max_grad_norm: float) -> None:
+    """One update: clip the gradients, step the optimizer and the LR schedule, clear the gradients,
+    and move the EMA (if any) towards the new weights."""
+    accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema:
+        ema.step(parameters)
+
+
 @contextmanager
 def ema_weights(ema, parameters):
     """Within the block the trained parameters hold their EMA (diffusers' EMAModel; no-op for None)."""

@@ -39,9 +39,9 @@ import torch
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.training.common import (LORA_TARGETS, adamw, cache_images, cache_latent_moments, cache_prompt_embeddings,
-                                    diffusion_target, draw_batch, ema_weights, latest_checkpoint, load_checkpoint,
-                                    make_accelerator, micro_batch_size, min_snr_weights, progress_bar,
-                                    save_checkpoint, save_validation_grid, to_model_range, training_records)
+                                    diffusion_target, draw_batch, ema_weights, make_accelerator, micro_batch_size,
+                                    min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
+                                    save_validation_grid, to_model_range, training_records)
 from medsyn.training.ldm_compact import SCHEDULE
 
 # ~1.9 M parameters: 6 blocks of width 128 over a 16 x 16 latent in 2 x 2 patches (64 tokens), small
@@ -258,10 +258,7 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if checkpoint:
-        start = load_checkpoint(accelerator, checkpoint)["step"]
+    start = resume_step(accelerator, out_dir / "checkpoints", resume)
     validation_prompts = validation_prompts or prompts[:8]
 
     history, pixel_history = [], []
@@ -308,12 +305,7 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
                 accelerator.backward((loss + hldf * pixel) / gradient_accumulation_steps)
             latent_total += loss.item() / gradient_accumulation_steps
             pixel_total += pixel.item() / gradient_accumulation_steps
-        accelerator.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            ema.step(trainable)
+        optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(latent_total)
         pixel_history.append(pixel_total)
         bar.update(1)

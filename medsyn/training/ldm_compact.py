@@ -17,10 +17,9 @@ from torch import nn
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.training.common import (adamw, batch_indices, cache_images, cache_latent_moments, cache_prompt_embeddings,
-                                    diffusion_target, draw_batch, ema_weights, latest_checkpoint, load_checkpoint,
-                                    make_accelerator, micro_batch_size, min_snr_weights, progress_bar,
-                                    save_checkpoint, save_validation_grid, step_generator, to_model_range,
-                                    training_records)
+                                    diffusion_target, draw_batch, ema_weights, make_accelerator, micro_batch_size,
+                                    min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
+                                    save_validation_grid, step_generator, to_model_range, training_records)
 
 # A ~0.65 M-parameter VAE (x4 down-sampling, 4 latent channels) and a ~2 M-parameter U-Net: sizes that
 # learn the embedded classes on 2 CPU cores. The `paper` profile passes larger ones. Few channels per
@@ -127,10 +126,7 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
     optimizer = adamw(autoencode.parameters(), lr=lr)
     d_optimizer = adamw(discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
     autoencode, discriminator, optimizer, d_optimizer = accelerator.prepare(autoencode, discriminator, optimizer, d_optimizer)
-    start = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if checkpoint:
-        start = load_checkpoint(accelerator, checkpoint)["step"]
+    start = resume_step(accelerator, out_dir / "checkpoints", resume)
     adversarial_start = 3 * steps // 4 if adversarial_start is None else adversarial_start
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -281,15 +277,13 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=prediction_type)
-    ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
-    optimizer = adamw(unet.parameters(), lr=lr, weight_decay=1e-2)
+    trainable = list(unet.parameters())
+    ema = EMAModel(trainable, decay=ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if checkpoint:
-        start = load_checkpoint(accelerator, checkpoint)["step"]
+    start = resume_step(accelerator, out_dir / "checkpoints", resume)
     validation_prompts = validation_prompts or prompts[:8]
 
     history = []
@@ -312,11 +306,7 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
                 weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), snr_gamma, prediction_type)
                 loss = (weights.to(device) * per_sample).mean() / gradient_accumulation_steps
                 accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
+        optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
@@ -324,7 +314,7 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
-            with ema_weights(ema, unet.parameters()):
+            with ema_weights(ema, trainable):
                 pipeline = build_pipeline(vae, encoder, accelerator.unwrap_model(unet).eval(), prediction_type)
                 pipeline.set_progress_bar_config(disable=True)
                 save_validation_grid(pipeline, validation_prompts, guidance_scale, 25, seed,

@@ -17,9 +17,9 @@ import torch
 
 from medsyn.models.text_encoders import require_dir
 from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
-                                    draw_batch, ema_weights, latest_checkpoint, load_checkpoint, make_accelerator,
-                                    merge_adapters, micro_batch_size, min_snr_weights, progress_bar,
-                                    save_checkpoint, save_validation_grid, training_records)
+                                    draw_batch, ema_weights, make_accelerator, merge_adapters, micro_batch_size,
+                                    min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
+                                    save_validation_grid, training_records)
 
 
 def load_pretrained(pretrained_dir: str | Path):
@@ -145,10 +145,7 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if checkpoint:
-        start = load_checkpoint(accelerator, checkpoint)["step"]
+    start = resume_step(accelerator, out_dir / "checkpoints", resume)
     validation_prompts = validation_prompts or prompts[:8]
     # SDXL's micro-conditioning: original size, crop corner, target size (curated images are centre crops)
     size = latent_mean.shape[-1] * pipeline.vae_scale_factor
@@ -177,12 +174,7 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
                 weights = min_snr_weights(compute_snr(noise_scheduler, d.timesteps), snr_gamma, prediction_type)
                 loss = (weights.to(device) * per_sample).mean() / gradient_accumulation_steps
                 accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            ema.step(trainable)
+        optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")

@@ -29,8 +29,8 @@ from PIL import Image
 
 from medsyn.models.text_encoders import require_dir
 from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
-                                    draw_batch, ema_weights, latest_checkpoint, load_checkpoint, load_rgb,
-                                    make_accelerator, merge_adapters, micro_batch_size, min_snr_weights, progress_bar,
+                                    draw_batch, ema_weights, load_rgb, make_accelerator, merge_adapters,
+                                    micro_batch_size, min_snr_weights, optimizer_step, progress_bar, resume_step,
                                     save_checkpoint, save_validation_grid, step_generator, training_records)
 
 
@@ -156,10 +156,7 @@ def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if checkpoint:
-        start = load_checkpoint(accelerator, checkpoint)["step"]
+    start = resume_step(accelerator, out_dir / "checkpoints", resume)
     validation_prompts = validation_prompts or prompts[:8]
     device = accelerator.device
     # positions of the packed image tokens (row, column) and of the text tokens (all zero), as the pipeline sets them
@@ -193,12 +190,7 @@ def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
                                                       width * pipeline.vae_scale_factor, pipeline.vae_scale_factor)
                 loss = ((prediction.float() - target.to(device)) ** 2).mean() / gradient_accumulation_steps
                 accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            ema.step(trainable)
+        optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
@@ -328,10 +320,7 @@ def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_
     unet, prior, optimizer, lr_scheduler = accelerator.prepare(unet, prior, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if checkpoint:
-        start = load_checkpoint(accelerator, checkpoint)["step"]
+    start = resume_step(accelerator, out_dir / "checkpoints", resume)
     validation_prompts = validation_prompts or prompts[:8]
     device = accelerator.device
 
@@ -362,12 +351,7 @@ def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_
                                               prompt_of, device)
                 loss = loss / gradient_accumulation_steps
                 accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            ema.step(trainable)
+        optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
