@@ -50,3 +50,27 @@ def test_reloads_and_the_exported_text_tower_matches_open_clip(clip, tmp_path):
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_clip"):
         load_domain_clip(tmp_path / "no_clip")
+
+
+def test_any_open_clip_local_directory_and_any_image_size(clip, tmp_path):
+    """BiomedCLIP-style directories (weights as open_clip_pytorch_model.bin) load the same way, and
+    images of another size are resized to the model's input."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from medsyn.models.domain_clip import embed_images
+
+    other = tmp_path / "biomedclip_like"
+    other.mkdir()
+    shutil.copy(clip["model_dir"] / "open_clip_config.json", other)
+    torch.save(load_file(clip["model_dir"] / "open_clip_model.safetensors"), other / "open_clip_pytorch_model.bin")
+    a, _ = load_domain_clip(clip["model_dir"])
+    b, _ = load_domain_clip(other)
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    torch.testing.assert_close(embed_images(a, images), embed_images(b, images))
+    small = embed_images(a, images[:, :, ::2, ::2])  # 16 px into a 32-px model
+    assert small.shape == (3, 32) and torch.allclose(small.norm(dim=1), torch.ones(3))
+    (other / "open_clip_pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="has none of open_clip_model.safetensors"):
+        load_domain_clip(other)

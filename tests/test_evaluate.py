@@ -40,7 +40,7 @@ def setup(tmp_path_factory) -> dict:
 def test_real_copies_score_near_the_floor_and_noise_far_from_it(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv("MEDSYN_INCEPTION_WEIGHTS", raising=False)
-    table, note = fidelity_table(setup["data"], {"copies": setup["root"] / "copies", "noise": setup["root"] / "noise"},
+    table, note, alignment = fidelity_table(setup["data"], {"copies": setup["root"] / "copies", "noise": setup["root"] / "noise"},
                                  setup["clip"], setup["probe"], real_split="validation", niqe_block=16)
     rows = table.set_index("family")
     assert list(rows.index) == ["real", "copies", "noise"]
@@ -50,6 +50,7 @@ def test_real_copies_score_near_the_floor_and_noise_far_from_it(setup, tmp_path,
     assert rows.loc["copies", "domain_clip_score"] > rows.loc["noise", "domain_clip_score"]
     assert rows.loc["noise", "precision"] == 0.0
     assert table["MS_SSIM_within_class"].isna().all()  # 32 px: too small for five scales (64 px is tested below)
+    assert set(alignment) == {"copies", "noise"} and alignment["copies"]["per_class"] == {"tiny: bar": 1.0, "tiny: disc": 1.0}
     assert table["FID"].isna().all() and "FID not computed" in note and str(tmp_path / "torch_home") in note
     assert plot_fidelity(table).axes
     figure = plot_real_and_generated(setup["data"], {"copies": setup["root"] / "copies"}, split="validation")

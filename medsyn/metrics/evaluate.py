@@ -59,7 +59,8 @@ def within_class_ms_ssim(images: np.ndarray, classes: list[str], pairs: int = 50
 
 def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domain_clip_dir: str | Path,
                    probe_path: str | Path, real_split: str = "test", reference_split: str = "train",
-                   inception_path: str | Path | None = None, niqe_block: int = 96, seed: int = 0) -> tuple[pd.DataFrame, str]:
+                   inception_path: str | Path | None = None, niqe_block: int = 96,
+                   seed: int = 0) -> tuple[pd.DataFrame, str, dict]:
     """One row per generated dataset, plus a `real` row (the `reference_split` images against the
     `real_split` images: the floor every family is measured against).
 
@@ -74,7 +75,8 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
         seed: seed of the equal-count draws and of the MS-SSIM pairs.
 
     Returns:
-        (the table, a note on the Inception weights: where they came from, or why FID is missing).
+        (the table, a note on the Inception weights: where they came from, or why FID is missing, and
+        per family the classifier's result on its images: accuracy, macro_accuracy, per_class, n).
     """
     from medsyn.metrics.class_probe import TrainedProbe
     from medsyn.models.domain_clip import embed_images, embed_texts, load_domain_clip
@@ -98,7 +100,7 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
     real_ms_ssim, window = within_class_ms_ssim(real, [class_key(r) for r in real_records], seed=seed)
     real_niqe = float(np.mean([niqe(image, niqe_block) for image in real]))
 
-    rows = []
+    rows, alignment = [], {}
     for family, (images, records) in sets.items():
         classes = [class_key(r) if family == "real" else class_of_prompt.get(r["text"]) for r in records]
         if None in classes:
@@ -130,10 +132,11 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
         texts = embed_texts(clip, tokenizer, [prompts[c] for c in classes])
         row["domain_clip_score"] = float(100 * (embeddings * texts).sum(dim=1).mean())
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        row["alignment_macro"] = probe.accuracy_of(pixels, classes)["macro_accuracy"]
+        alignment[family] = probe.accuracy_of(pixels, classes)
+        row["alignment_macro"] = alignment[family]["macro_accuracy"]
         row["niqe_block"] = niqe_block
         rows.append(row)
-    return pd.DataFrame(rows), note
+    return pd.DataFrame(rows), note, {f: a for f, a in alignment.items() if f != "real"}
 
 
 def plot_fidelity(table: pd.DataFrame):

@@ -107,19 +107,37 @@ def _save(model, cfg: dict, model_dir: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, model_dir / "open_clip_model.safetensors")
 
 
+# the weight files open_clip's `local-dir:` loader reads (medsyn writes the first; BiomedCLIP ships the third)
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+
+
 def load_domain_clip(model_dir: str | Path):
-    """(model, tokenizer) of a saved domain CLIP, from the local directory only."""
+    """(model, tokenizer) of an open_clip model in a local directory (`open_clip_config.json` plus
+    weights): medsyn's domain CLIP, or e.g. BiomedCLIP (whose text tower is a transformers model that
+    must itself be in the local Hugging Face cache). Nothing reaches the network."""
     import open_clip
 
-    model_dir = require_dir(model_dir, ("open_clip_config.json", "open_clip_model.safetensors"))
+    model_dir = require_dir(model_dir, ("open_clip_config.json",))
+    if not any((model_dir / name).is_file() for name in OPEN_CLIP_WEIGHTS):
+        raise FileNotFoundError(f"pretrained directory {model_dir} has none of {', '.join(OPEN_CLIP_WEIGHTS)}")
     model = open_clip.create_model(f"local-dir:{model_dir}").eval()
     return model, open_clip.get_tokenizer(f"local-dir:{model_dir}")
 
 
 @torch.no_grad()
 def embed_images(model, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised image embeddings of uint8 N x 3 x H x W images (at the model's image size)."""
-    return torch.cat([model.encode_image(_normalise(images[i:i + batch_size]), normalize=True)
+    """L2-normalised image embeddings of uint8 N x 3 x H x W images, resized (bicubic, antialiased)
+    to the model's input size where they differ from it."""
+    size = model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    def prepare(batch):
+        x = _normalise(batch)
+        if tuple(x.shape[-2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        return x
+
+    return torch.cat([model.encode_image(prepare(images[i:i + batch_size]), normalize=True)
                       for i in range(0, len(images), batch_size)])
 
 
