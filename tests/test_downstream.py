@@ -101,3 +101,21 @@ def test_real_sets_do_not_depend_on_the_synthetic_pool():
     assert set(alone) == {"real", "real_half"}
     with_synthetic = training_sets(real, synthetic, n_real=20, seed=5)
     assert alone["real"] == with_synthetic["real"] and alone["real_half"] == with_synthetic["real_half"]
+
+
+def test_vectorised_bootstrap_equals_scikit_learn_resample_by_resample():
+    """The all-at-once Mann-Whitney AUROC against roc_auc_score, one resample at a time."""
+    rng = np.random.default_rng(7)
+    targets = (rng.random((30, 3)) < 0.3).astype(np.float32)
+    a, b = np.round(rng.random((30, 3)), 1), np.round(targets * 0.5 + rng.random((30, 3)), 1)  # ties on purpose
+    result = paired_bootstrap(targets, a, b, multilabel=True, resamples=300, seed=11)
+    index = np.random.default_rng(11).integers(0, 30, (300, 30))
+    differences = []
+    for rows in index:
+        try:
+            differences.append(macro_auroc(targets[rows], b[rows], True) - macro_auroc(targets[rows], a[rows], True))
+        except ValueError:
+            continue
+    assert result["resamples"] == len(differences)
+    assert result["low"] == pytest.approx(np.percentile(differences, 2.5))
+    assert result["high"] == pytest.approx(np.percentile(differences, 97.5))

@@ -88,22 +88,40 @@ def paired_bootstrap(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
     """Macro-AUROC of B minus A on the test set, with a 95 % percentile interval from resampling
     the test images with replacement (the same resample for both: a paired bootstrap).
 
+    All resamples are scored at once: per label, AUROC is the Mann–Whitney statistic of the ranks
+    (scipy's `rankdata`, ties averaged), which equals scikit-learn's `roc_auc_score` (tested) and is
+    100× faster than calling it 2,000 times per label. A label enters a resample's macro mean only
+    when that resample holds both of its outcomes.
+
     Returns:
-        {'difference', 'low', 'high', 'resamples'} (resamples whose AUROC was undefined are skipped
-        and not counted).
+        {'difference', 'low', 'high', 'resamples'} (resamples where no label has both outcomes are
+        skipped and not counted).
     """
-    rng = np.random.default_rng(seed)
-    differences = []
-    for _ in range(resamples):
-        index = rng.integers(0, len(targets), len(targets))
-        try:
-            differences.append(macro_auroc(targets[index], scores_b[index], multilabel)
-                               - macro_auroc(targets[index], scores_a[index], multilabel))
-        except ValueError:
-            continue
+    onehot = targets if multilabel else np.eye(scores_a.shape[1])[targets]
+    index = np.random.default_rng(seed).integers(0, len(targets), (resamples, len(targets)))
+    macro = [_macro_auroc_rows(onehot[index], scores[index]) for scores in (scores_a, scores_b)]
+    defined = ~np.isnan(macro[0])
+    differences = (macro[1] - macro[0])[defined]
     low, high = np.percentile(differences, [2.5, 97.5])
     return {"difference": macro_auroc(targets, scores_b, multilabel) - macro_auroc(targets, scores_a, multilabel),
-            "low": float(low), "high": float(high), "resamples": len(differences)}
+            "low": float(low), "high": float(high), "resamples": int(defined.sum())}
+
+
+def _macro_auroc_rows(onehot: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Macro AUROC of each row of R x n x L resampled targets and scores (NaN where no label is defined)."""
+    from scipy.stats import rankdata
+
+    per_label = []
+    for j in range(onehot.shape[2]):
+        y, ranks = onehot[:, :, j] > 0, rankdata(scores[:, :, j], axis=1)
+        positives, negatives = y.sum(axis=1), (~y).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u = (ranks * y).sum(axis=1) - positives * (positives + 1) / 2
+            per_label.append(np.where((positives > 0) & (negatives > 0), u / (positives * negatives), np.nan))
+    per_label = np.stack(per_label, axis=1)
+    with np.errstate(invalid="ignore"):
+        counts = np.sum(~np.isnan(per_label), axis=1)
+        return np.where(counts > 0, np.nansum(per_label, axis=1) / np.maximum(counts, 1), np.nan)
 
 
 def resnet50(outputs: int, imagenet_weights: str | Path | None = None) -> tuple[nn.Module, str]:
