@@ -4,7 +4,7 @@ recognises held-out patients' images (the check that later stages' alignment sco
 from medsyn.data.corpus import write_corpus
 from medsyn.data.curate import curate
 from medsyn.metrics.class_probe import train_class_probe
-from tests.conftest import EMBEDDED_MANIFESTS
+from conftest import EMBEDDED_MANIFESTS
 
 
 def test_classes_are_distinct_for_a_classifier_trained_on_real_images(tmp_path):

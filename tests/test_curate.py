@@ -16,7 +16,7 @@ from medsyn.data.curate import check_accounting, curate, patients_in_several_spl
 from medsyn.data.preprocess import hounsfield_window
 from medsyn.data.readers import read_dicom
 from medsyn.paths import MANIFESTS_DIR
-from tests.conftest import EMBEDDED_MANIFESTS, pydicom_file
+from conftest import EMBEDDED_MANIFESTS, pydicom_file
 
 REQUIRED_FIELDS = {"file_name", "text", "split", "specialty", "image_type", "labels", "patient_id", "source", "sha256",
                    "source_file"}

@@ -8,7 +8,7 @@ from pydicom.pixels import apply_voi_lut
 from medsyn.data.preprocess import hounsfield_window
 from medsyn.data.readers import (UnreadableImageError, dicom_to_display, load_dicom, read_dicom, read_nifti,
                                  read_raster, sniff_format)
-from tests.conftest import pydicom_file
+from conftest import pydicom_file
 
 
 def test_ct_is_returned_in_hounsfield_units():
