@@ -206,7 +206,6 @@ def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765,
     study_dir = Path(study_dir)
     study = _Study(study_dir, Path(responses) if responses else study_dir / "responses.jsonl")
     server = ThreadingHTTPServer((host, port), _handler(study))
-    server.study = study
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

@@ -8,17 +8,14 @@ import torch
 from medsyn.data.curate import read_metadata
 from medsyn.models.domain_clip import (embed_texts, export_text_encoder, load_domain_clip, token_states,
                                        train_domain_clip, zero_shot_accuracy)
-from tiny_models import write_tiny_dataset
-
-SMALL = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+from tiny_models import TINY_CLIP, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("clip")
     data = write_tiny_dataset(root / "data", size=32, n=48)
-    return {"data": data, **train_domain_clip(data, root / "run", epochs=25, batch_size=16, lr=1e-3, config=SMALL,
+    return {"data": data, **train_domain_clip(data, root / "run", epochs=25, batch_size=16, lr=1e-3, config=TINY_CLIP,
                                               progress=False)}
 
 

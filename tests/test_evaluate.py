@@ -10,10 +10,7 @@ from medsyn.metrics.class_probe import train_class_probe
 from medsyn.metrics.evaluate import equal_counts, fidelity_table, load_dataset, plot_fidelity, plot_real_and_generated
 from medsyn.models.domain_clip import train_domain_clip
 from medsyn.sampling import write_generated_dataset
-from tiny_models import write_tiny_dataset
-
-SMALL = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+from tiny_models import TINY_CLIP, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +18,7 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     data = write_tiny_dataset(root / "data", size=32, n=48)
     records = read_metadata(data)
-    clip = train_domain_clip(data, root / "clip", epochs=20, batch_size=16, lr=1e-3, config=SMALL, progress=False)
+    clip = train_domain_clip(data, root / "clip", epochs=20, batch_size=16, lr=1e-3, config=TINY_CLIP, progress=False)
     probe = train_class_probe(data, [r for r in records if r["split"] == "train"], epochs=20, seed=0, progress=False)
     probe.save(root / "probe.pt")
     images, train = load_dataset(data, "train")

@@ -8,6 +8,11 @@ import torch
 from PIL import Image
 
 
+# a small open_clip model for the domain-CLIP code paths (32-d embeddings, 32-px images in 8-px patches)
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
 def write_tiny_dataset(root: Path, size: int = 16, n: int = 24) -> Path:
     """A curated-format data set of two classes, a red disc and a cyan bar, with captions."""
     (root / "images").mkdir(parents=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from medsyn.data.tables import class_key, class_prompts
+from medsyn.training.common import adamw
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -168,7 +169,7 @@ def train_classifier(images: np.ndarray, targets: np.ndarray, val_images: np.nda
 
     torch.manual_seed(seed)
     model, initialisation = resnet50(outputs, imagenet_weights)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+    optimizer = adamw(model.parameters(), lr=lr)
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     y = torch.from_numpy(targets) if multilabel else torch.from_numpy(targets).long()
     generator = torch.Generator().manual_seed(seed)

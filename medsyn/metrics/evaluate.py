@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from medsyn.data.curate import read_metadata
 from medsyn.data.tables import class_key, class_prompts
 from medsyn.metrics.fidelity import (feature_statistics, frechet_distance, inception_features, inception_weights,
                                      kernel_distance, ms_ssim_diversity, precision_recall)
 from medsyn.metrics.niqe import niqe
+from medsyn.training.common import load_rgb
 
 
 def load_dataset(dataset_dir: str | Path, split: str | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -31,8 +31,7 @@ def load_dataset(dataset_dir: str | Path, split: str | None = None) -> tuple[np.
     records = [r for r in read_metadata(dataset_dir) if split is None or r["split"] == split]
     if not records:
         raise ValueError(f"no {split or ''} records in {dataset_dir}".replace("  ", " "))
-    images = np.stack([np.asarray(Image.open(Path(dataset_dir) / r["file_name"]).convert("RGB")) for r in records])
-    return images, records
+    return np.stack([load_rgb(Path(dataset_dir) / r["file_name"]) for r in records]), records
 
 
 def equal_counts(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +85,7 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
     prompts = class_prompts([r for r in read_metadata(real_dir) if r["split"] == "train"])
     class_of_prompt = {prompt: key for key, prompt in prompts.items()}
     try:
-        weights, note = inception_weights(inception_path), ""
+        weights = inception_weights(inception_path)
         note = f"InceptionV3 weights: {weights}"
     except FileNotFoundError as error:
         weights, note = None, f"FID not computed: {error}"
@@ -178,7 +177,7 @@ def plot_real_and_generated(real_dir: str | Path, generated: dict[str, str | Pat
                 ax = axes[row, block * per_cell + k]
                 ax.axis("off")
                 if k < len(by_class[key]):
-                    ax.imshow(Image.open(Path(directory) / by_class[key][k]["file_name"]).convert("RGB"))
+                    ax.imshow(load_rgb(Path(directory) / by_class[key][k]["file_name"]))
                 if row == 0 and k == 0:
                     ax.set_title(name, fontsize=8, loc="left")
         axes[row, 0].text(-0.1, 0.5, key, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=6)
@@ -269,7 +268,7 @@ def plot_closest_pairs(pairs: pd.DataFrame, real_dir: str | Path, generated: dic
                 if k < len(closest):
                     pair = closest.iloc[k]
                     path = (Path(generated[family]) / pair["file_name"]) if side == 0 else Path(real_dir) / pair["nearest_training"]
-                    ax.imshow(Image.open(path).convert("RGB"))
+                    ax.imshow(load_rgb(path))
                     ax.set_title(f"d={pair['tiled_l2']:.2f}" if side == 0 else "training", fontsize=6)
         axes[row, 0].text(-0.15, 0.5, family, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.12, wspace=0.05, hspace=0.3)
