@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from medsyn.models.text_encoders import load_text_encoder, require_dir
+from medsyn.sampling import load_pipeline
 from medsyn.training.common import (LORA_TARGETS, adamw, cache_images, cache_latent_moments, cache_prompt_embeddings,
                                     diffusion_target, draw_batch, ema_weights, make_accelerator, micro_batch_size,
                                     min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
@@ -74,9 +75,7 @@ def build_pipeline(vae_dir: str | Path, text_encoder: str, text_encoder_path: st
 
 def load_pretrained(pretrained_dir: str | Path):
     """A PixArt-α pipeline (transformer, VAE, T5, tokenizer, scheduler) from a local directory."""
-    from diffusers import DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(require_dir(pretrained_dir, ("model_index.json",)), local_files_only=True)
+    pipeline = load_pipeline(pretrained_dir)
     if not hasattr(pipeline, "transformer"):
         raise ValueError(f"{pretrained_dir} holds a {type(pipeline).__name__}, not a PixArt-α pipeline")
     return pipeline

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsyn.models.text_encoders import require_dir
+from medsyn.sampling import load_pipeline
 from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
                                     draw_batch, ema_weights, make_accelerator, merge_adapters, micro_batch_size,
                                     min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
@@ -24,13 +24,10 @@ from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache
 
 def load_pretrained(pretrained_dir: str | Path):
     """A Stable Diffusion (1.x) or SDXL pipeline from a local directory; nothing reaches the network."""
-    from diffusers import DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(require_dir(pretrained_dir, ("model_index.json",)), local_files_only=True)
+    pipeline = load_pipeline(pretrained_dir)
     if not hasattr(pipeline, "unet"):
         raise ValueError(f"{pretrained_dir} holds a {type(pipeline).__name__}; ldm-finetune trains U-Net pipelines "
                          "(SD 1.x, SDXL). PixArt transformers are trained by medsyn.training.dit_hldf")
-    pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medsyn.models.text_encoders import require_dir
+from medsyn.sampling import load_pipeline
 from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
                                     draw_batch, ema_weights, load_rgb, make_accelerator, merge_adapters,
                                     micro_batch_size, min_snr_weights, optimizer_step, progress_bar, resume_step,
@@ -43,12 +43,9 @@ FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "at
 
 def load_local(pretrained_dir: str | Path, expected: str):
     """A pipeline of class `expected` from a local directory; nothing reaches the network."""
-    from diffusers import DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(require_dir(pretrained_dir, ("model_index.json",)), local_files_only=True)
+    pipeline = load_pipeline(pretrained_dir)
     if type(pipeline).__name__ != expected:
         raise ValueError(f"{pretrained_dir} holds a {type(pipeline).__name__}, not a {expected}")
-    pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
