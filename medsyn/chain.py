@@ -65,14 +65,21 @@ def notebook_parameters(profile: dict, notebook: str, declared: set[str], run_di
     own = profile.get(notebook, {}) or {}
     undeclared = sorted(set(own) - declared)
     if undeclared:
-        raise ValueError(f"profile '{profile['name']}' sets {undeclared} for {notebook}, "
-                         f"which its parameters cell does not declare (declared: {sorted(declared)})")
+        raise ValueError(
+            f"profile '{profile['name']}' sets {undeclared} for {notebook}, "
+            f"which its parameters cell does not declare (declared: {sorted(declared)})"
+        )
     common = {k: v for k, v in (profile.get("common", {}) or {}).items() if k in declared}
     return _substitute({**common, **own}, run_dir)
 
 
-def reproduce(profile: str | Path, out_dir: str | Path | None = None, notebooks_dir: str | Path = NOTEBOOKS_DIR,
-              kernel: str | None = None, progress: bool = True) -> Path:
+def reproduce(
+    profile: str | Path,
+    out_dir: str | Path | None = None,
+    notebooks_dir: str | Path = NOTEBOOKS_DIR,
+    kernel: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Execute the profile's notebooks in order; return the run directory.
 
     The run directory holds `notebooks/` (the executed copies), whatever the notebooks write under
@@ -95,8 +102,12 @@ def reproduce(profile: str | Path, out_dir: str | Path | None = None, notebooks_
     run_dir = Path(out_dir) if out_dir else runs_dir() / spec["name"]
     run_dir = run_dir.resolve()
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    record = {"profile": spec, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "environment": environment_record(), "notebooks": []}
+    record = {
+        "profile": spec,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "environment": environment_record(),
+        "notebooks": [],
+    }
 
     def save_record():
         (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
@@ -112,17 +123,28 @@ def reproduce(profile: str | Path, out_dir: str | Path | None = None, notebooks_
         record["notebooks"].append(entry)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(source), str(executed), parameters=parameters,
-                                       kernel_name=kernel or notebook_kernel(), cwd=str(run_dir),
-                                       progress_bar=progress)
+            papermill.execute_notebook(
+                str(source),
+                str(executed),
+                parameters=parameters,
+                kernel_name=kernel or notebook_kernel(),
+                cwd=str(run_dir),
+                progress_bar=progress,
+            )
         except PapermillExecutionError as err:
-            entry.update(status="failed", seconds=round(time.perf_counter() - start, 1),
-                         cell_index=err.cell_index, error=f"{err.ename}: {err.evalue}")
+            entry.update(
+                status="failed",
+                seconds=round(time.perf_counter() - start, 1),
+                cell_index=err.cell_index,
+                error=f"{err.ename}: {err.evalue}",
+            )
             save_record()
-            raise ChainError(f"notebook {name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
-                             f"{err.ename}: {err.evalue}\nexecuted copy with the full traceback: {executed}") from None
+            raise ChainError(
+                f"notebook {name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+                f"{err.ename}: {err.evalue}\nexecuted copy with the full traceback: {executed}"
+            ) from None
         entry.update(status="ok", seconds=round(time.perf_counter() - start, 1))
         save_record()
-    record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     save_record()
     return run_dir

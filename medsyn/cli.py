@@ -9,14 +9,23 @@ from medsyn.data.manifest import ManifestError
 
 def _add_curate(sub):
     p = sub.add_parser("curate", help="curate raw sources into an image-text dataset")
-    p.add_argument("--manifest", action="append", required=True, metavar="PATH",
-                   help="manifest YAML (repeat for several sources; a name in data_manifests/ also works)")
+    p.add_argument(
+        "--manifest",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="manifest YAML (repeat for several sources; a name in data_manifests/ also works)",
+    )
     p.add_argument("--raw", required=True, metavar="DIR", help="raw directory; every file under it is accounted for")
     p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
     p.add_argument("--size", type=int, default=512, help="output side in pixels (default 512, MediSyn's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-    p.add_argument("--near-duplicate-correlation", type=float, default=0.995,
-                   help="thumbnail correlation confirming a perceptual-hash near duplicate (default 0.995)")
+    p.add_argument(
+        "--near-duplicate-correlation",
+        type=float,
+        default=0.995,
+        help="thumbnail correlation confirming a perceptual-hash near duplicate (default 0.995)",
+    )
     p.add_argument("--keep-near-duplicates", action="store_true", help="remove exact duplicates only")
     p.add_argument("--no-progress", action="store_true")
 
@@ -53,9 +62,13 @@ def _add_sample(sub):
     p.add_argument("--model", required=True, help="generator name recorded with every image, e.g. ldm-compact")
     p.add_argument("--per-prompt", type=int, default=8, help="images per class prompt (default 8)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each image's own seed is recorded")
-    p.add_argument("--scheduler", default="pipeline", help="pipeline (its own), euler, dpmsolver++ or ddim")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps (MediSyn: Euler, 50)")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (MediSyn: 7)")
+    p.add_argument(
+        "--scheduler",
+        default="euler",
+        help="euler (default, MediSyn's), dpmsolver++, ddim or pipeline (the pipeline's own)",
+    )
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50, MediSyn's)")
+    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default 7, MediSyn's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
 
 
@@ -67,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (ManifestError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ManifestError, FileNotFoundError, FileExistsError, ValueError) as err:  # DatasetError is a ValueError
         print(f"medsyn {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -77,15 +90,27 @@ def _run(args) -> int:
         from medsyn.data.curate import curate
         from medsyn.data.manifest import resolve_manifest
 
-        result = curate([resolve_manifest(m) for m in args.manifest], args.raw, args.out, size=args.size,
-                        seed=args.seed, progress=not args.no_progress,
-                        near_duplicate_correlation=None if args.keep_near_duplicates else args.near_duplicate_correlation)
+        result = curate(
+            [resolve_manifest(m) for m in args.manifest],
+            args.raw,
+            args.out,
+            size=args.size,
+            seed=args.seed,
+            progress=not args.no_progress,
+            near_duplicate_correlation=None if args.keep_near_duplicates else args.near_duplicate_correlation,
+        )
         print(json.dumps(result.summary, indent=2))
     elif args.command == "corpus":
         from medsyn.data.corpus import write_corpus
 
-        truth = write_corpus(args.out, patients=args.patients, seed=args.seed, size=args.size,
-                             sources=tuple(s for s in args.sources.split(",") if s), progress=not args.no_progress)
+        truth = write_corpus(
+            args.out,
+            patients=args.patients,
+            seed=args.seed,
+            size=args.size,
+            sources=tuple(s for s in args.sources.split(",") if s),
+            progress=not args.no_progress,
+        )
         print(f"wrote {len(truth['sources'])} sources to {args.out} ({len(truth['defects'])} deliberate defects)")
     elif args.command == "reproduce":
         from medsyn.chain import ChainError, reproduce
@@ -97,12 +122,22 @@ def _run(args) -> int:
             return 1
         print(f"run complete: {run_dir}")
     elif args.command == "sample":
+        from medsyn.data.dataset import read_records
         from medsyn.sampling import sample_class_prompts
 
-        metadata = sample_class_prompts(args.pipeline, args.dataset, args.out, args.model, args.per_prompt,
-                                        seed=args.seed, scheduler=args.scheduler, steps=args.steps,
-                                        guidance_scale=args.guidance, batch_size=args.batch_size)
-        print(f"wrote {sum(1 for _ in open(metadata))} images to {metadata.parent}")
+        out = sample_class_prompts(
+            args.pipeline,
+            args.dataset,
+            args.out,
+            args.model,
+            args.per_prompt,
+            seed=args.seed,
+            scheduler=args.scheduler,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            batch_size=args.batch_size,
+        )
+        print(f"wrote {len(read_records(out))} images to {out}")
     elif args.command == "validate":
         from medsyn.data.manifest import load_manifest, resolve_manifest
 

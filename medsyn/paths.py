@@ -21,3 +21,12 @@ def runs_dir() -> Path:
 def notebook_kernel() -> str:
     """Jupyter kernel the chain runner executes notebooks with (`MEDSYN_KERNEL`, default `python3`)."""
     return os.environ.get("MEDSYN_KERNEL", "python3")
+
+
+INCEPTION_ENV = "MEDSYN_INCEPTION_WEIGHTS"
+
+
+def inception_weights_from_environment() -> Path | None:
+    """The InceptionV3 weights file for FID named by `MEDSYN_INCEPTION_WEIGHTS`, or None when unset."""
+    value = os.environ.get(INCEPTION_ENV)
+    return Path(value) if value else None

@@ -25,32 +25,36 @@ from urllib.parse import parse_qs
 import numpy as np
 import pandas as pd
 
-from medsyn.data.curate import read_metadata
-from medsyn.data.tables import class_key, class_prompts
+from medsyn.data.dataset import class_key, class_prompts, image_path, split_records
 
 READER = re.compile(r"[A-Za-z0-9_-]{1,32}")
 TOKEN = re.compile(r"[0-9a-f]{16}")
 
 
-def build_study(real_dir: str | Path, generated: dict[str, str | Path], out_dir: str | Path, per_class: int = 2,
-                split: str = "test", seed: int = 0) -> Path:
+def build_study(
+    real_dir: str | Path,
+    generated: dict[str, str | Path],
+    out_dir: str | Path,
+    per_class: int = 2,
+    split: str = "test",
+    seed: int = 0,
+) -> Path:
     """Pick `per_class` real images of each class (from `split`) and `per_class` generated images of
     each family for each class prompt, copy them under random tokens, and write the study files."""
     out_dir = Path(out_dir)
     if (out_dir / "key.json").exists():
         raise FileExistsError(f"{out_dir} already holds a study; answers belong to the images they were given for")
     rng = np.random.default_rng(seed)
-    train = [r for r in read_metadata(real_dir) if r["split"] == "train"]
-    prompts = class_prompts(train)
-    class_of_prompt = {prompt: key for key, prompt in prompts.items()}
+    prompts = class_prompts(split_records(real_dir, "train"))
     chosen = []  # (path, source, family, class)
-    real = [r for r in read_metadata(real_dir) if r["split"] == split]
     for family, directory in [("real", Path(real_dir)), *((f, Path(d)) for f, d in generated.items())]:
-        records = real if family == "real" else read_metadata(directory)
+        records = split_records(directory, split if family == "real" else "train")  # generated: one split
         for key in prompts:
-            mine = [r for r in records if (class_key(r) if family == "real" else class_of_prompt.get(r["text"])) == key]
+            mine = [r for r in records if class_key(r) == key]
             for i in rng.permutation(len(mine))[:per_class]:
-                chosen.append((directory / mine[i]["file_name"], "real" if family == "real" else "synthetic", family, key))
+                chosen.append(
+                    (image_path(directory, mine[i]), "real" if family == "real" else "synthetic", family, key)
+                )
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     key_file, tokens = {}, []
     for path, source, family, cls in chosen:
@@ -129,7 +133,7 @@ class _Study:
 
     def order(self, reader: str) -> list[str]:
         """Each reader's own shuffled order, the same on every visit."""
-        seed = int.from_bytes(reader.encode(), "little") % 2 ** 32
+        seed = int.from_bytes(reader.encode(), "little") % 2**32
         return [self.public["images"][i] for i in np.random.default_rng(seed).permutation(len(self.public["images"]))]
 
 
@@ -164,10 +168,14 @@ def _handler(study: _Study):
                     return self._refuse(HTTPStatus.BAD_REQUEST, "reader id: 1-32 letters, digits, _ or -")
                 done = study.answered(reader)
                 left = [t for t in study.order(reader) if t not in done]
-                return self._json({"image": left[0] if left else None, "answered": len(done), "total": len(study.tokens)})
+                return self._json(
+                    {"image": left[0] if left else None, "answered": len(done), "total": len(study.tokens)}
+                )
             match = re.fullmatch(r"/images/([0-9a-f]{16})\.png", path)
             if match and match.group(1) in study.tokens:  # only files the study lists, never a path from the request
-                return self._send(HTTPStatus.OK, (study.dir / "images" / f"{match.group(1)}.png").read_bytes(), "image/png")
+                return self._send(
+                    HTTPStatus.OK, (study.dir / "images" / f"{match.group(1)}.png").read_bytes(), "image/png"
+                )
             return self._refuse(HTTPStatus.NOT_FOUND, "not found")
 
         def do_POST(self):
@@ -182,9 +190,12 @@ def _handler(study: _Study):
                 return self._refuse(HTTPStatus.BAD_REQUEST, "not JSON")
             if not isinstance(answer, dict) or set(answer) != {"reader", "image", "class", "confidence"}:
                 return self._refuse(HTTPStatus.BAD_REQUEST, "fields: reader, image, class, confidence")
-            checks = [(isinstance(answer["reader"], str) and READER.fullmatch(answer["reader"]), "reader id"),
-                      (answer["image"] in study.tokens, "image"), (answer["class"] in study.classes, "class"),
-                      (type(answer["confidence"]) is int and 1 <= answer["confidence"] <= 5, "confidence (1-5)")]
+            checks = [
+                (isinstance(answer["reader"], str) and READER.fullmatch(answer["reader"]), "reader id"),
+                (answer["image"] in study.tokens, "image"),
+                (answer["class"] in study.classes, "class"),
+                (type(answer["confidence"]) is int and 1 <= answer["confidence"] <= 5, "confidence (1-5)"),
+            ]
             for ok, what in checks:
                 if not ok:
                     return self._refuse(HTTPStatus.BAD_REQUEST, f"invalid {what}")
@@ -198,8 +209,9 @@ def _handler(study: _Study):
     return Handler
 
 
-def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765,
-          responses: str | Path | None = None) -> ThreadingHTTPServer:
+def serve(
+    study_dir: str | Path, host: str = "127.0.0.1", port: int = 8765, responses: str | Path | None = None
+) -> ThreadingHTTPServer:
     """Start the study page (in a background thread) and return the server; `server.shutdown()` stops
     it. Listens on localhost unless `host` says otherwise; port 0 picks a free port
     (`server.server_address`). Answers go to `responses` (default `<study_dir>/responses.jsonl`)."""
@@ -217,14 +229,28 @@ def reader_table(study_dir: str | Path, responses: str | Path | None = None) -> 
     key = json.loads((study_dir / "key.json").read_text())
     path = Path(responses) if responses else study_dir / "responses.jsonl"
     answers = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    rows = [{"family": key[a["image"]]["family"], "reader": a["reader"], "correct": a["class"] == key[a["image"]]["class"],
-             "confidence": a["confidence"]} for a in answers]
+    rows = [
+        {
+            "family": key[a["image"]]["family"],
+            "reader": a["reader"],
+            "correct": a["class"] == key[a["image"]]["class"],
+            "confidence": a["confidence"],
+        }
+        for a in answers
+    ]
     if not rows:
         return pd.DataFrame(columns=["family", "answers", "readers", "class_accuracy", "mean_confidence"])
     frame = pd.DataFrame(rows)
-    return frame.groupby("family", sort=False).agg(answers=("correct", "size"), readers=("reader", "nunique"),
-                                                   class_accuracy=("correct", "mean"),
-                                                   mean_confidence=("confidence", "mean")).reset_index()
+    return (
+        frame.groupby("family", sort=False)
+        .agg(
+            answers=("correct", "size"),
+            readers=("reader", "nunique"),
+            class_accuracy=("correct", "mean"),
+            mean_confidence=("confidence", "mean"),
+        )
+        .reset_index()
+    )
 
 
 def main(argv=None) -> None:
@@ -256,19 +282,30 @@ def plot_reader_study(table: pd.DataFrame, study_dir: str | Path):
     if table.empty:
         fig, ax = plt.subplots(figsize=(6, 1.6))
         ax.axis("off")
-        ax.text(0, 0.5, f"No reader answers yet. Serve the study with\n  python -m medsyn.reader_study {study_dir}\n"
-                "and run this notebook again.", family="monospace", fontsize=8, va="center")
+        ax.text(
+            0,
+            0.5,
+            f"No reader answers yet. Serve the study with\n  python -m medsyn.reader_study {study_dir}\n"
+            "and run this notebook again.",
+            family="monospace",
+            fontsize=8,
+            va="center",
+        )
         return fig
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0))
     colours = ["0.6" if f == "real" else f"C{i}" for i, f in enumerate(table["family"])]
-    for ax, column, title in ((axes[0], "class_accuracy", "class named correctly"),
-                              (axes[1], "mean_confidence", "mean confidence (1-5)")):
+    for ax, column, title in (
+        (axes[0], "class_accuracy", "class named correctly"),
+        (axes[1], "mean_confidence", "mean confidence (1-5)"),
+    ):
         ax.bar(range(len(table)), table[column], color=colours)
         ax.set_xticks(range(len(table)), table["family"], rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     axes[0].set_ylim(0, 1)
     axes[1].set_ylim(0, 5)
-    fig.suptitle(f"Blinded reader study: {int(table['answers'].sum())} answers from "
-                 f"{int(table['readers'].max())} reader(s)", fontsize=9)
+    fig.suptitle(
+        f"Blinded reader study: {int(table['answers'].sum())} answers from {int(table['readers'].max())} reader(s)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig

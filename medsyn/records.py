@@ -11,18 +11,41 @@ from pathlib import Path
 
 from medsyn.paths import REPO_ROOT
 
-PACKAGES = ("medsyn", "torch", "torchvision", "diffusers", "transformers", "accelerate", "open_clip_torch",
-            "numpy", "scipy", "pandas", "pillow", "pydicom", "nibabel", "imagehash", "matplotlib", "seaborn",
-            "papermill", "datasets")
+PACKAGES = (
+    "medsyn",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "open_clip_torch",
+    "numpy",
+    "scipy",
+    "pandas",
+    "pillow",
+    "pydicom",
+    "nibabel",
+    "imagehash",
+    "matplotlib",
+    "seaborn",
+    "papermill",
+    "datasets",
+)
 
 
 def git_commit() -> str:
     """The repository's HEAD commit, with '+dirty' when tracked files changed; 'unknown' outside git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -40,8 +63,12 @@ def package_versions() -> dict[str, str]:
 
 def environment_record() -> dict:
     """Python, platform, git commit and package versions: the setup cell of every notebook shows this."""
-    return {"python": platform.python_version(), "platform": platform.platform(), "git_commit": git_commit(),
-            "packages": package_versions()}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+    }
 
 
 def file_sha256(path: str | Path) -> str:
@@ -53,13 +80,21 @@ def file_sha256(path: str | Path) -> str:
 
 
 def input_hashes(inputs: list[str | Path]) -> dict[str, str]:
-    """SHA-256 of each input file; a dataset directory is represented by its `metadata.jsonl`."""
+    """SHA-256 of each input file; a dataset directory is represented by its splits' `metadata.jsonl`
+    files (hashed together in split-folder order), any other directory as 'directory'."""
     hashes = {}
     for item in inputs:
         path = Path(item)
-        if path.is_dir() and (path / "metadata.jsonl").is_file():
-            path = path / "metadata.jsonl"
-        hashes[str(item)] = file_sha256(path) if path.is_file() else "missing"
+        metadata = sorted(path.glob("*/metadata.jsonl")) if path.is_dir() else []
+        if metadata:
+            digest = hashlib.sha256()
+            for part in metadata:
+                digest.update(file_sha256(part).encode())
+            hashes[str(item)] = digest.hexdigest()
+        elif path.is_dir():
+            hashes[str(item)] = "directory"
+        else:
+            hashes[str(item)] = file_sha256(path) if path.is_file() else "missing"
     return hashes
 
 
@@ -69,7 +104,7 @@ def write_provenance(output: str | Path, parameters: dict, inputs: list[str | Pa
     record = {
         "output": output.name,
         "output_sha256": file_sha256(output),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "parameters": parameters,
         "inputs": input_hashes(inputs),
         **environment_record(),
@@ -77,6 +112,26 @@ def write_provenance(output: str | Path, parameters: dict, inputs: list[str | Pa
     path = output.with_name(output.name + ".provenance.json")
     path.write_text(json.dumps(record, indent=2, default=str))
     return path
+
+
+# what a notebook's parameters cell may bind: typed literals (STYLE: papermill's parameters cell)
+LITERALS = (str, int, float, bool, type(None), list, dict, tuple)
+IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
+
+
+def notebook_parameters(namespace: dict) -> dict:
+    """A notebook's parameters, read from its namespace rather than typed again: every name bound to a
+    literal when the setup cell runs (right after the parameters cell and papermill's injected
+    overrides). Call it in the setup cell before assigning anything else.
+
+    Args:
+        namespace: the notebook's `globals()`.
+    """
+    return {
+        name: value
+        for name, value in namespace.items()
+        if not name.startswith("_") and name not in IPYTHON_NAMES and isinstance(value, LITERALS)
+    }
 
 
 def save_figure(fig, path: str | Path, parameters: dict, inputs: list[str | Path], dpi: int = 150) -> Path:

@@ -1,16 +1,29 @@
 """Sampling from a saved pipeline: every image carries the seed that regenerates it on its own."""
 
 import inspect
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
+
+from medsyn.data.dataset import (
+    class_fields,
+    class_prompts,
+    image_file_name,
+    image_path,
+    is_dataset,
+    read_records,
+    split_records,
+    write_records,
+)
 
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image `index` of a sampling run with base `seed`."""
-    return int(np.random.default_rng([seed, index]).integers(2 ** 31))
+    return int(np.random.default_rng([seed, index]).integers(2**31))
 
 
 def load_pipeline(path: str | Path):
@@ -41,8 +54,11 @@ def _call_options(pipeline) -> dict:
     if "clean_caption" in parameters:
         # PixArt: the prompt as trained (no caption cleaning), at the trained size (no aspect-ratio bins),
         # and no more tokens than its text encoder has positions (120, PixArt-α's, for T5)
-        return {"clean_caption": False, "use_resolution_binning": False,
-                "max_sequence_length": min(120, pipeline.tokenizer.model_max_length)}
+        return {
+            "clean_caption": False,
+            "use_resolution_binning": False,
+            "max_sequence_length": min(120, pipeline.tokenizer.model_max_length),
+        }
     if hasattr(pipeline, "tokenizer_2") and "max_sequence_length" in parameters:
         # FLUX: T5 prompts of the length trained on (its transformer attends to padding too)
         return {"max_sequence_length": min(512, pipeline.tokenizer_2.model_max_length)}
@@ -50,8 +66,15 @@ def _call_options(pipeline) -> dict:
 
 
 @torch.no_grad()
-def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: int = 25, guidance_scale: float = 4.0,
-             batch_size: int = 32) -> list[dict]:
+def generate(
+    pipeline,
+    prompts: list[str],
+    per_prompt: int,
+    seed: int,
+    steps: int = 25,
+    guidance_scale: float = 4.0,
+    batch_size: int = 32,
+) -> list[dict]:
     """`per_prompt` images for each prompt, in batches; returns dicts with prompt_id, prompt, seed and
     the uint8 image. The image with record seed s is `pipeline(prompt, generator=torch.Generator()
     .manual_seed(s), ...)` alone: each image's starting noise comes from its own generator.
@@ -72,10 +95,17 @@ def generate(pipeline, prompts: list[str], per_prompt: int, seed: int, steps: in
     size, options = image_size(pipeline), _call_options(pipeline)
     out = []
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        images = pipeline([p for _, p, _ in chunk], height=size, width=size, num_inference_steps=steps,
-                          guidance_scale=guidance_scale, output_type="np",
-                          generator=[torch.Generator().manual_seed(s) for _, _, s in chunk], **options).images
+        chunk = jobs[start : start + batch_size]
+        images = pipeline(
+            [p for _, p, _ in chunk],
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            output_type="np",
+            generator=[torch.Generator().manual_seed(s) for _, _, s in chunk],
+            **options,
+        ).images
         for (i, p, s), image in zip(chunk, images):
             out.append({"prompt_id": i, "prompt": p, "seed": s, "image": np.rint(image * 255).astype(np.uint8)})
     return out
@@ -88,14 +118,16 @@ def image_grid(images: list[np.ndarray], columns: int) -> Image.Image:
     grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
     for k, image in enumerate(images):
         r, c = divmod(k, columns)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image if image.ndim == 3 else image[..., None]
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image if image.ndim == 3 else image[..., None]
     return Image.fromarray(grid)
 
 
 # MediSyn samples with Euler, 50 steps, CFG 7; DPM-Solver++ reaches similar images in fewer steps
-SCHEDULERS = {"euler": ("EulerDiscreteScheduler", {}),
-              "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-              "ddim": ("DDIMScheduler", {})}
+SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+}
 
 
 def set_scheduler(pipeline, name: str) -> None:
@@ -111,64 +143,144 @@ def set_scheduler(pipeline, name: str) -> None:
     pipeline.scheduler = getattr(diffusers, cls).from_config(pipeline.scheduler.config, **options)
 
 
-def write_generated_dataset(samples: list[dict], out_dir: str | Path, model: str, classes: list[dict],
-                            settings: dict) -> Path:
-    """Write generated images as a dataset in the curated format (DESIGN.md: `images/`, `metadata.jsonl`),
-    each record with `model`, `seed` and `prompt_id` so that any image can be regenerated on its own.
+def write_generated_dataset(
+    samples: list[dict], out_dir: str | Path, model: str, classes: list[dict], settings: dict
+) -> Path:
+    """Write generated images as a dataset in the curated format (`medsyn.data.dataset`: one `train`
+    split), each record with `model`, `seed` and `prompt_id` so that any image can be regenerated on
+    its own, and the `source`, `labels`, `specialty` and `image_type` of the class its prompt names.
 
     Args:
         samples: `generate`'s output.
         out_dir: the dataset directory (must not hold a dataset already).
         model: the generator's name (e.g. 'ldm-compact').
-        classes: per prompt id, the fields the images inherit (`text`, `specialty`, `image_type`, `labels`).
+        classes: per prompt id, the fields the images inherit (`medsyn.data.dataset.class_fields`).
         settings: sampler settings recorded with every image (scheduler, steps, guidance_scale).
 
     Returns:
-        the path of `metadata.jsonl`.
+        the dataset directory.
     """
     import hashlib
-    import json
 
     out_dir = Path(out_dir)
-    metadata = out_dir / "metadata.jsonl"
-    if metadata.exists():
-        raise FileExistsError(f"{metadata} exists: write each generated dataset to a new directory")
-    lines = []
+    if is_dataset(out_dir):
+        raise FileExistsError(f"{out_dir} holds a dataset: write each generated dataset to a new directory")
+    records = []
     for sample in samples:
         digest = hashlib.sha256(sample["image"].tobytes()).hexdigest()
-        name = f"images/{digest[:2]}/{digest[:24]}_{sample['seed']}.png"
-        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(sample["image"]).save(out_dir / name)
-        cls = classes[sample["prompt_id"]]
-        lines.append(json.dumps({"file_name": name, "text": sample["prompt"], "split": "train",
-                                 "specialty": cls.get("specialty"), "image_type": cls.get("image_type"),
-                                 "labels": cls.get("labels", []), "patient_id": f"synthetic-{model}",
-                                 "source": model, "sha256": digest, "model": model, "seed": sample["seed"],
-                                 "prompt_id": sample["prompt_id"], **settings}))
-    metadata.write_text("\n".join(lines) + "\n")
-    return metadata
+        record = {
+            "file_name": image_file_name(digest, f"_{sample['seed']}"),
+            "split": "train",
+            **classes[sample["prompt_id"]],
+            "text": sample["prompt"],
+            "patient_id": f"synthetic-{model}",
+            "sha256": digest,
+            "model": model,
+            "seed": sample["seed"],
+            "prompt_id": sample["prompt_id"],
+            **settings,
+        }
+        path = image_path(out_dir, record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sample["image"]).save(path)
+        records.append(record)
+    write_records(out_dir, records, kind="generated")
+    return out_dir
 
 
-def sample_class_prompts(pipeline_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path, model: str,
-                         per_prompt: int, seed: int = 0, scheduler: str = "pipeline", steps: int = 25,
-                         guidance_scale: float = 4.0, batch_size: int = 32) -> Path:
+def sample_class_prompts(
+    pipeline_dir: str | Path,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    model: str,
+    per_prompt: int,
+    seed: int = 0,
+    scheduler: str = "euler",
+    steps: int = 50,
+    guidance_scale: float = 7.0,
+    batch_size: int = 32,
+) -> Path:
     """`per_prompt` images for each class prompt of a curated dataset's training split, written as a
-    generated dataset (`write_generated_dataset`). Returns the path of its `metadata.jsonl`."""
-    from medsyn.data.curate import read_metadata
-    from medsyn.data.tables import class_key, class_prompts
-
-    if (Path(out_dir) / "metadata.jsonl").exists():  # before any sampling work
-        raise FileExistsError(f"{Path(out_dir) / 'metadata.jsonl'} exists: write each generated dataset to a new directory")
-    train = [r for r in read_metadata(dataset_dir) if r["split"] == "train"]
-    prompts = class_prompts(train)
-    first = {}
-    for record in train:
-        first.setdefault(class_key(record), record)
-    classes = [{"specialty": first[k].get("specialty"), "image_type": first[k].get("image_type"),
-                "labels": first[k].get("labels", [])} for k in prompts]
+    generated dataset (`write_generated_dataset`). Defaults are MediSyn's sampler: Euler, 50 steps,
+    CFG 7. Returns the dataset directory."""
+    if is_dataset(out_dir):  # before any sampling work
+        raise FileExistsError(f"{out_dir} holds a dataset: write each generated dataset to a new directory")
+    classes = list(class_fields(split_records(dataset_dir, "train")).values())
     pipeline = load_pipeline(pipeline_dir)
     set_scheduler(pipeline, scheduler)
-    samples = generate(pipeline, list(prompts.values()), per_prompt=per_prompt, seed=seed, steps=steps,
-                       guidance_scale=guidance_scale, batch_size=batch_size)
-    return write_generated_dataset(samples, out_dir, model, classes,
-                                   {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale})
+    samples = generate(
+        pipeline,
+        [c["text"] for c in classes],
+        per_prompt=per_prompt,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+    )
+    return write_generated_dataset(
+        samples, out_dir, model, classes, {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale}
+    )
+
+
+def sample_families(
+    pipelines: dict[str, str | Path],
+    dataset_dir: str | Path,
+    generated_dir: str | Path,
+    per_prompt: int,
+    seed: int = 0,
+    scheduler: str = "euler",
+    steps: int = 50,
+    guidance_scale: float = 7.0,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Sample every family's pipeline into `<generated_dir>/<family>` (`sample_class_prompts`), with
+    one sampler for all. A family whose generated dataset already exists is kept when it was sampled
+    with the same settings and count; otherwise this stops and names the directory to remove.
+
+    Returns:
+        one row per family: images, status ('sampled' or 'kept'), seconds per image (NaN when kept)
+        and the sampler settings.
+    """
+    if not pipelines:
+        raise ValueError("no pipelines to sample: give family -> saved pipeline directory")
+    settings = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale}
+    prompts = len(class_prompts(split_records(dataset_dir, "train")))
+    rows = []
+    for family, pipeline_dir in pipelines.items():
+        out = Path(generated_dir) / family
+        started = time.perf_counter()
+        if is_dataset(out):
+            kept = read_records(out)
+            differing = {k: kept[0].get(k) for k, v in settings.items() if kept[0].get(k) != v}
+            if differing or len(kept) != per_prompt * prompts:
+                raise ValueError(
+                    f"{out} holds images sampled differently ({differing or f'{len(kept)} images'}); "
+                    "remove it to resample"
+                )
+            status = "kept"
+        else:
+            sample_class_prompts(
+                pipeline_dir,
+                dataset_dir,
+                out,
+                family,
+                per_prompt,
+                seed=seed,
+                scheduler=scheduler,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+            )
+            status = "sampled"
+        seconds = time.perf_counter() - started
+        images = len(read_records(out))
+        rows.append(
+            {
+                "family": family,
+                "images": images,
+                "status": status,
+                "seconds_per_image": seconds / images if status == "sampled" else float("nan"),
+                **settings,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,6 +1,5 @@
 """Shared fixtures: one small embedded corpus, curated once per test session."""
 
-import json
 import os
 from pathlib import Path
 
@@ -10,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from medsyn.data.corpus import SOURCES, write_corpus  # noqa: E402
 from medsyn.data.curate import curate  # noqa: E402
+from medsyn.data.dataset import read_records  # noqa: E402
 from medsyn.paths import MANIFESTS_DIR  # noqa: E402
 
 EMBEDDED_MANIFESTS = [MANIFESTS_DIR / f"{name}.yaml" for name in SOURCES]
@@ -28,7 +28,7 @@ def curated(corpus, tmp_path_factory) -> dict:
     """That corpus curated at 32 px with every embedded manifest."""
     out = tmp_path_factory.mktemp("curated") / "dataset"
     result = curate(EMBEDDED_MANIFESTS, corpus["raw"], out, size=32, seed=0, progress=False)
-    records = [json.loads(line) for line in open(out / "metadata.jsonl")]
+    records = read_records(out)
     return {"out": out, "result": result, "records": records, **corpus}
 
 

@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from medsyn.chain import ChainError, load_profile, notebook_parameters, reproduce
-from medsyn.data.curate import read_metadata
-from medsyn.data.tables import class_prompts
+from medsyn.data.dataset import class_prompts, read_records, split_records
 
 
 def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
@@ -23,12 +22,18 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     assert record["environment"]["git_commit"]
     executed = nbformat.read(run_dir / "notebooks" / "01_curate.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
-    for name in ("dataset_specialty_by_split.csv", "dataset_image_type_by_split.png", "dataset_examples.png",
-                 "dataset_class_probe.png"):
+    for name in (
+        "dataset_specialty_by_split.csv",
+        "dataset_image_type_by_split.png",
+        "dataset_examples.png",
+        "dataset_class_probe.png",
+    ):
         assert (run_dir / "figures" / name).is_file(), name
         provenance = json.loads((run_dir / "figures" / f"{name}.provenance.json").read_text())
         assert provenance["parameters"]["size"] == 32 and provenance["inputs"]
-    assert (run_dir / "data" / "curated" / "metadata.jsonl").is_file()
+    curated = run_dir / "data" / "curated"
+    summary = json.loads((curated / "curation_summary.json").read_text())
+    assert {s: len(read_records(curated, s)) for s in ("train", "validation", "test")} == summary["images_by_split"]
     # 02_train_ldm: a pipeline diffusers loads, and the alignment table of its samples
     assert (run_dir / "models" / "ldm_compact" / "unet_training" / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "figures" / "alignment_ldm_compact.csv.provenance.json").is_file()
@@ -39,11 +44,19 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     assert (run_dir / "models" / "domain_clip" / "model" / "open_clip_config.json").is_file()
     assert (run_dir / "models" / "domain_clip" / "text_encoder_sd" / "text_encoder" / "config.json").is_file()
     # 05-07: a generated dataset per family, the fidelity table, the privacy table with its planted controls
-    classes = class_prompts([r for r in read_metadata(run_dir / "data" / "curated") if r["split"] == "train"])
+    classes = class_prompts(split_records(curated, "train"))
     for family in ("ldm-compact", "ldm-finetune", "dit-hldf"):
-        assert len(read_metadata(run_dir / "data" / "generated" / family)) == 3 * len(classes)
-    for name in ("sampling.csv", "generated_vs_real.png", "fidelity.csv", "fidelity.png", "privacy_pairs.csv",
-                 "privacy_table.csv", "privacy_distances.png", "privacy_closest_pairs.png"):
+        assert len(read_records(run_dir / "data" / "generated" / family)) == 3 * len(classes)
+    for name in (
+        "sampling.csv",
+        "generated_vs_real.png",
+        "fidelity.csv",
+        "fidelity.png",
+        "privacy_pairs.csv",
+        "privacy_table.csv",
+        "privacy_distances.png",
+        "privacy_closest_pairs.png",
+    ):
         assert (run_dir / "figures" / f"{name}.provenance.json").is_file(), name
     fidelity = pd.read_csv(run_dir / "figures" / "fidelity.csv").set_index("family")
     assert list(fidelity.index) == ["real", "ldm-compact", "ldm-finetune", "dit-hldf"]
@@ -76,8 +89,9 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
     _notebook(notebooks / "01_ok.ipynb", ["x = 1", "y = x + 1"])
     _notebook(notebooks / "02_broken.ipynb", ["n = 3", "m = n * 2", "raise ValueError(f'bad input {n}')"])
     profile = tmp_path / "p.yaml"
-    profile.write_text(yaml.safe_dump({"name": "t", "notebooks": ["01_ok", "02_broken"], "common": {"x": 5},
-                                       "02_broken": {"n": 4}}))
+    profile.write_text(
+        yaml.safe_dump({"name": "t", "notebooks": ["01_ok", "02_broken"], "common": {"x": 5}, "02_broken": {"n": 4}})
+    )
     with pytest.raises(ChainError) as err:
         reproduce(profile, tmp_path / "run", notebooks_dir=notebooks, progress=False)
     message = str(err.value)
@@ -87,13 +101,20 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
 
 
 def test_profile_parameters_must_be_declared_by_the_notebook(tmp_path):
-    profile = {"name": "t", "notebooks": ["01_curate"], "common": {"seed": 1, "unrelated": 2},
-               "01_curate": {"sise": 64}}
+    profile = {
+        "name": "t",
+        "notebooks": ["01_curate"],
+        "common": {"seed": 1, "unrelated": 2},
+        "01_curate": {"sise": 64},
+    }
     with pytest.raises(ValueError, match=r"\['sise'\].*01_curate"):
         notebook_parameters(profile, "01_curate", {"size", "seed"}, tmp_path)
     profile["01_curate"] = {"size": 64, "raw_dir": "{run}/raw"}
-    assert notebook_parameters(profile, "01_curate", {"size", "seed", "raw_dir"}, tmp_path) == \
-        {"seed": 1, "size": 64, "raw_dir": f"{tmp_path}/raw"}
+    assert notebook_parameters(profile, "01_curate", {"size", "seed", "raw_dir"}, tmp_path) == {
+        "seed": 1,
+        "size": 64,
+        "raw_dir": f"{tmp_path}/raw",
+    }
 
 
 def test_unknown_profile_is_a_clear_error():
@@ -104,6 +125,10 @@ def test_unknown_profile_is_a_clear_error():
 def test_reproduce_command_reports_failure_with_non_zero_exit(tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump({"name": "t", "notebooks": ["99_missing"]}))
-    run = subprocess.run([sys.executable, "-m", "medsyn", "reproduce", "--profile", str(profile), "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "medsyn", "reproduce", "--profile", str(profile), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0 and "99_missing" in run.stderr

@@ -1,7 +1,9 @@
 """Curation of the embedded corpus and of real DICOM files, checked against the corpus's ground truth."""
 
 import csv
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,16 +12,27 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import EMBEDDED_MANIFESTS, pydicom_file
 from PIL import Image
 
 from medsyn.data.curate import check_accounting, curate, patients_in_several_splits
+from medsyn.data.dataset import MARKER, DatasetError, image_path, read_records
 from medsyn.data.preprocess import hounsfield_window
 from medsyn.data.readers import read_dicom
 from medsyn.paths import MANIFESTS_DIR
-from conftest import EMBEDDED_MANIFESTS, pydicom_file
 
-REQUIRED_FIELDS = {"file_name", "text", "split", "specialty", "image_type", "labels", "patient_id", "source", "sha256",
-                   "source_file"}
+REQUIRED_FIELDS = {
+    "file_name",
+    "text",
+    "split",
+    "specialty",
+    "image_type",
+    "labels",
+    "patient_id",
+    "source",
+    "sha256",
+    "source_file",
+}
 
 
 def _rejected(out: Path) -> list[dict]:
@@ -41,7 +54,10 @@ def test_deliberate_defects_get_their_reasons(curated):
         assert (defect["source_file"], defect["reason"]) in rejected, defect
         assert defect["source_file"] not in kept
         if "duplicate_of" in defect:
-            assert rejected[(defect["source_file"], defect["reason"])]["detail"] == f"duplicate of {defect['duplicate_of']}"
+            assert (
+                rejected[(defect["source_file"], defect["reason"])]["detail"]
+                == f"duplicate of {defect['duplicate_of']}"
+            )
             assert defect["duplicate_of"] in kept
 
 
@@ -51,8 +67,7 @@ def test_records_follow_the_data_contract(curated):
         assert REQUIRED_FIELDS <= set(record)
         assert record["split"] in {"train", "validation", "test"}
         assert record["text"].endswith(".") and record["labels"]
-        path = out / record["file_name"]
-        import hashlib
+        path = image_path(out, record)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
         assert Image.open(path).size == (32, 32)
     sources = {r["source"] for r in curated["records"]}
@@ -61,20 +76,50 @@ def test_records_follow_the_data_contract(curated):
     assert len({r["specialty"] for r in curated["records"]}) >= 4
 
 
-def test_the_dataset_loads_as_a_hugging_face_imagefolder(curated):
+def test_the_dataset_loads_as_a_hugging_face_imagefolder_with_its_splits(curated):
     import datasets
 
-    dataset = datasets.load_dataset("imagefolder", data_dir=str(curated["out"]), split="train")
-    assert len(dataset) == len(curated["records"])
-    assert {"image", "text", "split", "labels", "patient_id"} <= set(dataset.column_names)
+    summary = json.loads((curated["out"] / "curation_summary.json").read_text())
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(curated["out"]))
+    assert {s: len(loaded[s]) for s in loaded} == summary["images_by_split"]
+    assert set(summary["images_by_split"]) == {"train", "validation", "test"}
+    for split in loaded:
+        assert set(loaded[split]["split"]) == {split}
+        assert sorted(loaded[split]["sha256"]) == sorted(r["sha256"] for r in curated["records"] if r["split"] == split)
+    assert {"image", "text", "split", "labels", "patient_id"} <= set(loaded["train"].column_names)
+
+
+def test_diffusers_scripts_pointed_at_the_training_folder_see_the_training_split_only(curated):
+    import datasets
+
+    # what diffusers' examples/text_to_image/train_text_to_image.py does with --train_data_dir
+    train_data_dir = str(curated["out"] / "train")
+    loaded = datasets.load_dataset("imagefolder", data_files={"train": os.path.join(train_data_dir, "**")})
+    train = [r for r in curated["records"] if r["split"] == "train"]
+    assert list(loaded) == ["train"] and len(loaded["train"]) == len(train)
+    assert sorted(loaded["train"]["sha256"]) == sorted(r["sha256"] for r in train)
+    assert set(loaded["train"]["split"]) == {"train"}
+
+
+def test_a_dataset_without_its_completion_marker_or_with_a_torn_split_is_refused(curated, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(curated["out"], copy)
+    lines = (copy / "train" / "metadata.jsonl").read_text().splitlines(keepends=True)
+    (copy / "train" / "metadata.jsonl").write_text("".join(lines[:-3]))  # as if killed while writing
+    with pytest.raises(DatasetError, match="metadata.jsonl holds"):
+        read_records(copy)
+    (copy / MARKER).unlink()
+    with pytest.raises(DatasetError, match=MARKER):
+        read_records(copy, "test")
 
 
 def test_no_patient_in_two_splits_and_the_seed_decides_the_split(curated, tmp_path):
     assert patients_in_several_splits(curated["records"]) == []
+    first = [(r["sha256"], r["split"]) for r in curated["result"].records]
     again = curate(EMBEDDED_MANIFESTS, curated["raw"], tmp_path / "same", size=32, seed=0, progress=False)
-    assert [(r["sha256"], r["split"]) for r in again.records] == [(r["sha256"], r["split"]) for r in curated["records"]]
+    assert [(r["sha256"], r["split"]) for r in again.records] == first
     other = curate(EMBEDDED_MANIFESTS, curated["raw"], tmp_path / "other", size=32, seed=1, progress=False)
-    assert [r["split"] for r in other.records] != [r["split"] for r in curated["records"]]
+    assert [r["split"] for r in other.records] != [split for _, split in first]
     assert patients_in_several_splits(other.records) == []
 
 
@@ -113,16 +158,26 @@ def test_folder_by_class_on_real_dicom(tmp_path):
     result = curate([MANIFESTS_DIR / "folder_by_class.yaml"], raw, tmp_path / "out", size=128, progress=False)
     by_file = {r["source_file"]: r for r in result.records}
     reasons = {(r.source_file, r.reason) for r in result.rejections}
-    assert {("mr/MR_truncated.dcm", "unreadable"), ("mr/rtplan.dcm", "no_pixel_data"),
-            ("radiograph/readme.txt", "not_an_image"), ("stray.jpg", "unclaimed")} <= reasons
-    assert set(by_file) == {"ct/CT_small.dcm", "ct/IMG0002", "mr/MR_small.dcm", "radiograph/RG1_UNCI.dcm", "radiograph/gradient.png"}
+    assert {
+        ("mr/MR_truncated.dcm", "unreadable"),
+        ("mr/rtplan.dcm", "no_pixel_data"),
+        ("radiograph/readme.txt", "not_an_image"),
+        ("stray.jpg", "unclaimed"),
+    } <= reasons
+    assert set(by_file) == {
+        "ct/CT_small.dcm",
+        "ct/IMG0002",
+        "mr/MR_small.dcm",
+        "radiograph/RG1_UNCI.dcm",
+        "radiograph/gradient.png",
+    }
     assert by_file["ct/CT_small.dcm"]["labels"] == ["ct"]
     assert by_file["ct/CT_small.dcm"]["text"] == "Medical image showing ct."
 
     # CT_small is 128 x 128, so at size 128 the written pixels are exactly the 700/100 HU window
     hu = read_dicom(pydicom_file("CT_small.dcm"))
     expected = np.clip((hu - (100 - 350)) / 700, 0, 1) * 255
-    written = np.asarray(Image.open(tmp_path / "out" / by_file["ct/CT_small.dcm"]["file_name"]))
+    written = np.asarray(Image.open(image_path(tmp_path / "out", by_file["ct/CT_small.dcm"])))
     assert np.abs(written.astype(float) - expected).max() <= 0.5 + 1e-9
     np.testing.assert_array_equal(written, hounsfield_window(hu))
 
@@ -146,24 +201,89 @@ def test_folder_by_class_on_real_dicom(tmp_path):
 
 def test_curate_command_line(tmp_path):
     raw = _folder_by_class_raw(tmp_path)
-    run = subprocess.run([sys.executable, "-m", "medsyn", "curate", "--manifest", "folder_by_class", "--raw", str(raw),
-                          "--out", str(tmp_path / "out"), "--size", "64", "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medsyn",
+            "curate",
+            "--manifest",
+            "folder_by_class",
+            "--raw",
+            str(raw),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            "64",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["files_in"] == 9 and summary["images_out"] == 5  # the 2-frame eCT gives its middle frame only
     assert (tmp_path / "out" / "rejected.csv").is_file()
 
 
-def test_rerun_replaces_and_refuses_foreign_folders(curated, tmp_path):
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rerun_replaces_an_earlier_curation_and_refuses_foreign_folders(curated, tmp_path):
     out = tmp_path / "out"
     curate(EMBEDDED_MANIFESTS[:1], curated["raw"], out, size=16, progress=False)
-    first = set((out / "images").rglob("*.png"))
+    first = set(out.rglob("*.png"))
     curate(EMBEDDED_MANIFESTS[:1], curated["raw"], out, size=24, progress=False)
-    assert not first & set((out / "images").rglob("*.png"))  # no stale image of the earlier run
+    assert first and not first & set(out.rglob("*.png"))  # no stale image of the earlier run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside it
     (out / "notes.txt").write_text("mine")
+    before = _tree(out)
     with pytest.raises(FileExistsError, match="notes.txt"):
         curate(EMBEDDED_MANIFESTS[:1], curated["raw"], out, size=24, progress=False)
+    assert _tree(out) == before
+
+
+def test_curation_never_deletes_what_it_did_not_write(tmp_path):
+    # the fault audit's case: raw images inside the output folder
+    base = tmp_path / "X"
+    raw = _folder_by_class_raw(base / "images")
+    untouched = _tree(base)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medsyn",
+            "curate",
+            "--manifest",
+            "folder_by_class",
+            "--raw",
+            str(raw),
+            "--out",
+            str(base),
+            "--size",
+            "32",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2 and "lies inside the output directory" in run.stderr
+    assert _tree(base) == untouched
+    # an output inside the raw folder, and a Hugging Face imagefolder that medsyn did not write
+    with pytest.raises(FileExistsError, match="inside the raw directory"):
+        curate([MANIFESTS_DIR / "folder_by_class.yaml"], raw, raw / "curated", size=32, progress=False)
+    foreign = tmp_path / "someone_elses_dataset"
+    (foreign / "train").mkdir(parents=True)
+    (foreign / "train" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    (foreign / "train" / "a.png").write_bytes(b"not ours")
+    before = _tree(foreign)
+    with pytest.raises(FileExistsError, match="not an earlier curation"):
+        curate([MANIFESTS_DIR / "folder_by_class.yaml"], raw, foreign, size=32, progress=False)
+    assert _tree(foreign) == before
+    assert _tree(base) == untouched  # the raw folder too, and no curated/ was made inside it
 
 
 def test_corpus_is_deterministic(tmp_path):
@@ -172,9 +292,15 @@ def test_corpus_is_deterministic(tmp_path):
     write_corpus(tmp_path / "a", patients=4, seed=5, size=32, sources=("ham10000", "brats"), progress=False)
     write_corpus(tmp_path / "b", patients=4, seed=5, size=32, sources=("ham10000", "brats"), progress=False)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
-                         if not f.name.endswith(".nii.gz"))  # gzip headers carry a time stamp
+    assert files and all(
+        (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+        for f in files
+        if not f.name.endswith(".nii.gz")
+    )  # gzip headers carry a time stamp
     import nibabel as nib
+
     for f in files:
         if f.name.endswith(".nii.gz"):
-            np.testing.assert_array_equal(nib.load(tmp_path / "a" / f).get_fdata(), nib.load(tmp_path / "b" / f).get_fdata())
+            np.testing.assert_array_equal(
+                nib.load(tmp_path / "a" / f).get_fdata(), nib.load(tmp_path / "b" / f).get_fdata()
+            )

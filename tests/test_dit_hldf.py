@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from scipy.stats import wasserstein_distance
-
-from medsyn.training.dit_hldf import colour_distribution_distance, hldf_schedule, train_dit, x0_estimate
 from tiny_models import tiny_vae, write_tiny_dataset
+
+from medsyn.data.dataset import load_images, read_records
+from medsyn.training.dit_hldf import colour_distribution_distance, hldf_schedule, train_dit, x0_estimate
 
 TINY = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16}
 
@@ -23,7 +23,7 @@ def tiny(tmp_path_factory) -> dict:
     data = write_tiny_dataset(root / "data")
     vae = tiny_vae()
     with torch.no_grad():  # an untrained VAE, its latents scaled to unit variance as `train_vae` does
-        images = np.stack([np.asarray(Image.open(p)) for p in sorted((data / "images").glob("*.png"))])
+        images = load_images(data, read_records(data))
         latents = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     vae.save_pretrained(root / "vae")
@@ -31,8 +31,16 @@ def tiny(tmp_path_factory) -> dict:
 
 
 def _train(tiny, out, steps, **kw):
-    kw = {"config": TINY, "batch_size": 8, "lr": 2e-3, "checkpoint_every": 4, "validation_every": 0,
-          "hldf_batch": 4, "progress": False, **kw}
+    kw = {
+        "config": TINY,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "checkpoint_every": 4,
+        "validation_every": 0,
+        "hldf_batch": 4,
+        "progress": False,
+        **kw,
+    }
     return train_dit(tiny["data"], out, vae_dir=tiny["vae"], steps=steps, **kw)
 
 
@@ -111,9 +119,20 @@ def test_pipeline_reloads_with_diffusers_and_encodes_as_trained(tiny, tmp_path):
     assert torch.equal(mask[:, :32].float(), torch.from_numpy(cached_mask)) and not mask[:, 32:].any()
     real = torch.from_numpy(cached_mask).bool()
     torch.testing.assert_close(embeds[:, :32][real], torch.from_numpy(cached)[real], atol=1e-5, rtol=1e-5)
-    short, long = (reloaded("A red disc.", num_inference_steps=5, height=16, width=16, output_type="np",
-                            generator=torch.Generator().manual_seed(0), clean_caption=False,
-                            use_resolution_binning=False, max_sequence_length=n).images for n in (32, 120))
+    short, long = (
+        reloaded(
+            "A red disc.",
+            num_inference_steps=5,
+            height=16,
+            width=16,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            clean_caption=False,
+            use_resolution_binning=False,
+            max_sequence_length=n,
+        ).images
+        for n in (32, 120)
+    )
     assert np.abs(short - long).max() < 1e-4
 
 
@@ -124,11 +143,23 @@ def test_lora_on_a_pretrained_learned_sigma_pixart(tiny, tmp_path):
 
     pretrained = build_pipeline(tiny["vae"], "minilm", None, 8, TINY, "epsilon")
     torch.manual_seed(0)  # PixArt-α's own layout: ε and a learned variance, 8 output channels
-    pretrained.transformer = PixArtTransformer2DModel(sample_size=8, in_channels=4, out_channels=8, cross_attention_dim=32,
-                                                      caption_channels=384, **TINY)
+    pretrained.transformer = PixArtTransformer2DModel(
+        sample_size=8, in_channels=4, out_channels=8, cross_attention_dim=32, caption_channels=384, **TINY
+    )
     pretrained.save_pretrained(tmp_path / "pixart")
-    result = train_dit(tiny["data"], tmp_path / "lora", pretrained_dir=tmp_path / "pixart", steps=3, batch_size=8,
-                       lr=1e-3, lora_rank=4, checkpoint_every=0, validation_every=0, hldf_batch=4, progress=False)
+    result = train_dit(
+        tiny["data"],
+        tmp_path / "lora",
+        pretrained_dir=tmp_path / "pixart",
+        steps=3,
+        batch_size=8,
+        lr=1e-3,
+        lora_rank=4,
+        checkpoint_every=0,
+        validation_every=0,
+        hldf_batch=4,
+        progress=False,
+    )
     base = load_file(tmp_path / "pixart" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert 0 < result["trained_parameters"] < 0.3 * sum(v.numel() for v in base.values())
     assert (result["lora_dir"] / "pytorch_lora_weights.safetensors").is_file()
@@ -143,8 +174,11 @@ def test_lora_on_a_pretrained_learned_sigma_pixart(tiny, tmp_path):
     set_peft_model_state_dict(adapted, load_file(result["lora_dir"] / "pytorch_lora_weights.safetensors"))
     fused = PixArtTransformer2DModel.from_pretrained(result["pipeline_dir"] / "transformer")
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 384)
-    inputs = {"encoder_hidden_states": text, "timestep": torch.tensor([3, 700]),
-              "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    inputs = {
+        "encoder_hidden_states": text,
+        "timestep": torch.tensor([3, 700]),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
     with torch.no_grad():
         torch.testing.assert_close(adapted(x, **inputs).sample, fused(x, **inputs).sample, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="either vae_dir"):

@@ -4,19 +4,27 @@ from its local directory, and its exported transformers text tower computes open
 import numpy as np
 import pytest
 import torch
-
-from medsyn.data.curate import read_metadata
-from medsyn.models.domain_clip import (embed_texts, export_text_encoder, load_domain_clip, token_states,
-                                       train_domain_clip, zero_shot_accuracy)
 from tiny_models import TINY_CLIP, write_tiny_dataset
+
+from medsyn.data.dataset import split_records
+from medsyn.models.domain_clip import (
+    embed_texts,
+    export_text_encoder,
+    load_domain_clip,
+    token_states,
+    zero_shot_accuracy,
+)
+from medsyn.training.domain_clip import train_domain_clip
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("clip")
     data = write_tiny_dataset(root / "data", size=32, n=48)
-    return {"data": data, **train_domain_clip(data, root / "run", epochs=25, batch_size=16, lr=1e-3, config=TINY_CLIP,
-                                              progress=False)}
+    return {
+        "data": data,
+        **train_domain_clip(data, root / "run", epochs=25, batch_size=16, lr=1e-3, config=TINY_CLIP, progress=False),
+    }
 
 
 def test_domain_clip_learns_the_classes(clip):
@@ -31,7 +39,7 @@ def test_reloads_and_the_exported_text_tower_matches_open_clip(clip, tmp_path):
     from medsyn.models.text_encoders import load_text_encoder
 
     model, tokenizer = load_domain_clip(clip["model_dir"])
-    held_out = [r for r in read_metadata(clip["data"]) if r["split"] == "validation"]
+    held_out = split_records(clip["data"], "validation")
     prompts = {"tiny: bar": "A cyan bar.", "tiny: disc": "A red disc."}
     assert zero_shot_accuracy(model, tokenizer, clip["data"], held_out, prompts) == clip["zero_shot_accuracy"]
     a = embed_texts(model, tokenizer, ["A red disc.", "A cyan bar."])

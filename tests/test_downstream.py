@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from medsyn.metrics.downstream import (macro_auroc, paired_bootstrap, plot_roc, resnet50, task_labels, task_targets,
-                                       train_classifier, training_sets)
+from medsyn.metrics.downstream import macro_auroc, paired_bootstrap, plot_roc, task_labels, task_targets, training_sets
+from medsyn.training.classifier import predict, resnet50, train_classifier
 
 
 def _auroc_by_pairs(y, s):
@@ -43,15 +43,20 @@ def test_paired_bootstrap():
 
 
 def _records(n, source="derm", labels=("melanoma", "nevus"), synthetic=False):
-    return [{"file_name": f"{i}.png", "source": source, "labels": [labels[i % 2]],
-             "text": f"Dermoscopy image showing {labels[i % 2]}.", **({"model": "x"} if synthetic else {})}
-            for i in range(n)]
+    return [
+        {
+            "file_name": f"{i}.png",
+            "source": source,
+            "labels": [labels[i % 2]],
+            "text": f"Dermoscopy image showing {labels[i % 2]}.",
+            **({"model": "x"} if synthetic else {}),
+        }
+        for i in range(n)
+    ]
 
 
 def test_training_sets_are_nested_and_class_matched():
-    real, synthetic = _records(40), _records(30, synthetic=True)
-    for r in synthetic:
-        r["source"] = "x"  # a generated record's source is its model; its class comes from its prompt
+    real, synthetic = _records(40), _records(30, synthetic=True)  # a generated record carries its class's source
     sets = training_sets(real, synthetic, n_real=20, seed=3)
     assert len(sets["real"]) == 20 and len(sets["real_half"]) == 10
     assert all(r in sets["real"] for r in sets["real_half"])
@@ -81,11 +86,21 @@ def test_resnet50_learns_two_classes_and_keeps_its_best_epoch(tmp_path):
     images = np.full((48, 32, 32, 3), 40, np.uint8)
     images[y == 1, 8:24, 8:24] = (230, 80, 80)  # a red square or not
     images = np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8)
-    result = train_classifier(images[:32], y[:32], images[32:], y[32:], outputs=2, multilabel=False, epochs=4, lr=1e-3,
-                              batch_size=16, progress=False)
+    result = train_classifier(
+        images[:32],
+        y[:32],
+        images[32:],
+        y[32:],
+        outputs=2,
+        multilabel=False,
+        validation_metric=lambda t, s: macro_auroc(t, s, False),
+        epochs=4,
+        lr=1e-3,
+        batch_size=16,
+        progress=False,
+    )
     assert max(result["val_auroc"]) > 0.95 and result["initialisation"].startswith("random")
     assert result["best_epoch"] == int(np.argmax(result["val_auroc"])) + 1
-    from medsyn.metrics.downstream import predict
     assert macro_auroc(y[32:], predict(result["model"], images[32:], False), False) == max(result["val_auroc"])
     assert plot_roc(y[32:], {"a": predict(result["model"], images[32:], False)}, False, "t").axes
     # ImageNet weights only from a local file

@@ -10,8 +10,15 @@ import torch
 from PIL import Image
 
 from medsyn.metrics import frechet_distance
-from medsyn.metrics.fidelity import (INCEPTION_ENV, INCEPTION_FILE, feature_statistics, inception_features,
-                                     inception_weights, ms_ssim_diversity, precision_recall)
+from medsyn.metrics.fidelity import (
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    feature_statistics,
+    inception_features,
+    inception_weights,
+    ms_ssim_diversity,
+    precision_recall,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,9 @@ def random_inception(tmp_path_factory):
         path.parent.mkdir(exist_ok=True)
         # the constructor needs a file to read: give it an empty state dict, which the patch ignores
         torch.save({}, path)
-        model = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        model = module.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+        )
     finally:
         module.FeatureExtractorInceptionV3.load_state_dict = original
     torch.save(model.state_dict(), path)
@@ -42,8 +51,11 @@ def test_missing_weights_fail_at_once_naming_every_place(tmp_path, monkeypatch):
         inception_features(np.zeros((2, 32, 32, 3), np.uint8), weights_path=tmp_path / "given.pth")
     assert time.perf_counter() - start < 1
     message = str(error.value)
-    for place in (tmp_path / "given.pth", tmp_path / "env" / "inception.pth",
-                  tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILE):
+    for place in (
+        tmp_path / "given.pth",
+        tmp_path / "env" / "inception.pth",
+        tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILE,
+    ):
         assert str(place) in message
 
 
@@ -72,11 +84,20 @@ def test_fid_equals_torch_fidelitys_own_pipeline(random_inception, tmp_path):
         (tmp_path / name).mkdir()
         for i, image in enumerate(images):
             Image.fromarray(image).save(tmp_path / name / f"{i:03d}.png")
-    ours = frechet_distance(*feature_statistics(inception_features(real, random_inception, batch_size=10)),
-                            *feature_statistics(inception_features(list(fake), random_inception, batch_size=7)))
-    theirs = torch_fidelity.calculate_metrics(input1=str(tmp_path / "fake"), input2=str(tmp_path / "real"), fid=True,
-                                              feature_extractor_weights_path=str(random_inception), cuda=False,
-                                              cache=False, verbose=False, save_cpu_ram=True)
+    ours = frechet_distance(
+        *feature_statistics(inception_features(real, random_inception, batch_size=10)),
+        *feature_statistics(inception_features(list(fake), random_inception, batch_size=7)),
+    )
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "fake"),
+        input2=str(tmp_path / "real"),
+        fid=True,
+        feature_extractor_weights_path=str(random_inception),
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )
     assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
     assert ours > 0
     with pytest.raises(ValueError, match="uint8"):
@@ -86,6 +107,7 @@ def test_fid_equals_torch_fidelitys_own_pipeline(random_inception, tmp_path):
 def _precision_recall_plain(real, fake, k):
     """Kynkäänniemi et al.: a sample is inside a set's manifold if it is within some member's distance
     to that member's k-th nearest neighbour (itself excluded)."""
+
     def radii(points):
         d = np.linalg.norm(points[:, None] - points[None], axis=-1)
         return np.sort(d, axis=1)[:, k]  # column 0 is the point itself

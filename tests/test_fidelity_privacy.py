@@ -57,8 +57,8 @@ def _tiled_l2_plain(a, b, grid):
     worst = 0.0
     for i in range(grid):
         for j in range(grid):
-            p, q = a[i * h:(i + 1) * h, j * w:(j + 1) * w], b[i * h:(i + 1) * h, j * w:(j + 1) * w]
-            worst = max(worst, np.sqrt(np.sum((p - q) ** 2)) / np.sqrt(255 ** 2 * p.size))
+            p, q = a[i * h : (i + 1) * h, j * w : (j + 1) * w], b[i * h : (i + 1) * h, j * w : (j + 1) * w]
+            worst = max(worst, np.sqrt(np.sum((p - q) ** 2)) / np.sqrt(255**2 * p.size))
     return worst
 
 
@@ -71,7 +71,7 @@ def test_tiled_l2_matches_a_plain_loop(shape):
     assert tiled_l2(np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)) == pytest.approx(1.0)
     # one changed tile is enough to be far: the maximum, not the mean, over tiles
     c = a.copy()
-    c[:shape[0] // 4, :shape[1] // 4] = 255 - c[:shape[0] // 4, :shape[1] // 4]
+    c[: shape[0] // 4, : shape[1] // 4] = 255 - c[: shape[0] // 4, : shape[1] // 4]
     assert tiled_l2(a, c) == pytest.approx(_tiled_l2_plain(a, c, 4), abs=1e-6) and tiled_l2(a, c) > 0.3
 
 
@@ -118,7 +118,9 @@ def test_memorisation_table_and_wilcoxon_by_hand():
     d = np.array([0.30, 0.25, 0.40, 0.22, 0.35, 0.10, 0.50])
     table = memorisation_table(d, ["a"] * 5 + ["b"] * 2).set_index("specialty")
     assert table.loc["a", "pairs"] == 5 and table.loc["a", "pairs_at_most_0.15"] == 0
-    assert table.loc["a", "mean"] == pytest.approx(0.304) and table.loc["a", "sd"] == pytest.approx(np.std(d[:5], ddof=1))
+    assert table.loc["a", "mean"] == pytest.approx(0.304) and table.loc["a", "sd"] == pytest.approx(
+        np.std(d[:5], ddof=1)
+    )
     # exact signed-rank test: all five differences positive and distinct is the most extreme of 2⁵ sign patterns
     assert table.loc["a", "wilcoxon_p_greater"] == pytest.approx(1 / 32)
     assert table.loc["b", "pairs_at_most_0.15"] == 1 and table.loc["all", "pairs"] == 7
@@ -128,15 +130,13 @@ def test_memorisation_table_and_wilcoxon_by_hand():
 def test_a_planted_copy_is_flagged(tmp_path):
     """A training image copied among generated ones is found as its own nearest neighbour and falls
     under the threshold; independently drawn images do not."""
-    from PIL import Image
-
-    from medsyn.data.curate import read_metadata
-    from medsyn.metrics.privacy import COPY_THRESHOLD, memorisation_table, nearest_in_group
     from tiny_models import write_tiny_dataset
 
+    from medsyn.data.dataset import load_split
+    from medsyn.metrics.privacy import COPY_THRESHOLD, memorisation_table, nearest_in_group
+
     root = write_tiny_dataset(tmp_path / "data", size=32)
-    records = read_metadata(root)
-    training = np.stack([np.asarray(Image.open(root / r["file_name"])) for r in records])
+    training, _ = load_split(root, "train")
     rng = np.random.default_rng(5)
     generated = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     generated[2] = training[7]  # the planted copy

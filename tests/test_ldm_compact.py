@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from medsyn.training.ldm_compact import train_unet, train_vae
 from tiny_models import write_tiny_dataset
 
+from medsyn.training.ldm_compact import train_unet, train_vae
+
 TINY_VAE = {"block_out_channels": [8, 16], "norm_num_groups": 4}
-TINY_UNET = {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_head_dim": 4,
-             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
+TINY_UNET = {
+    "block_out_channels": [16, 32],
+    "norm_num_groups": 8,
+    "attention_head_dim": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +29,43 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_vae(tiny_dataset, tmp_path_factory) -> dict:
-    return train_vae(tiny_dataset, tmp_path_factory.mktemp("vae"), steps=60, batch_size=8, lr=2e-3,
-                     adversarial_start=40, config=TINY_VAE, checkpoint_every=30, progress=False)
+    return train_vae(
+        tiny_dataset,
+        tmp_path_factory.mktemp("vae"),
+        steps=60,
+        batch_size=8,
+        lr=2e-3,
+        adversarial_start=40,
+        config=TINY_VAE,
+        checkpoint_every=30,
+        progress=False,
+    )
 
 
 def test_vae_loss_drops_and_the_latent_scale_is_set(tiny_vae):
     history = tiny_vae["l1_history"]
     assert np.mean(history[-10:]) < 0.6 * np.mean(history[:5])
     from diffusers import AutoencoderKL
+
     vae = AutoencoderKL.from_pretrained(tiny_vae["vae_dir"], local_files_only=True)
     assert vae.config.scaling_factor == pytest.approx(tiny_vae["scaling_factor"])
 
 
 def _unet(tiny_dataset, tiny_vae, out, steps, **kw):
-    return train_unet(tiny_dataset, tiny_vae["vae_dir"], out, config=TINY_UNET, steps=steps, batch_size=8, lr=2e-3,
-                      lr_warmup_steps=2, checkpoint_every=kw.pop("checkpoint_every", 4), validation_every=0,
-                      progress=False, **kw)
+    return train_unet(
+        tiny_dataset,
+        tiny_vae["vae_dir"],
+        out,
+        config=TINY_UNET,
+        steps=steps,
+        batch_size=8,
+        lr=2e-3,
+        lr_warmup_steps=2,
+        checkpoint_every=kw.pop("checkpoint_every", 4),
+        validation_every=0,
+        progress=False,
+        **kw,
+    )
 
 
 def test_unet_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_dataset, tiny_vae, tmp_path):
@@ -53,14 +79,43 @@ def test_unet_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_dataset, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # EMA weights, bitwise
 
 
-def test_gradient_accumulation_matches_the_full_batch(tiny_dataset, tiny_vae, tmp_path):
-    full = _unet(tiny_dataset, tiny_vae, tmp_path / "full", steps=3, checkpoint_every=0)
-    accumulated = _unet(tiny_dataset, tiny_vae, tmp_path / "acc", steps=3, checkpoint_every=0, gradient_accumulation_steps=2)
-    a = load_file(tmp_path / "full" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "acc" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
-    # the same images in two halves, each half with its own noise draws: close, not identical
-    assert full["loss_history"] and accumulated["loss_history"]
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-2
+def test_gradient_accumulation_averages_the_micro_batch_gradients(tiny_dataset, tiny_vae, tmp_path, monkeypatch):
+    """The gradient of one step over two accumulated micro-batches of 4 is the mean of the gradients of
+    those two batches taken one step each (the same draws: micro-batch k is global draw k either way).
+    With LR 0 the weights stay put, so the single-batch steps see the same model. Dropping the
+    division by the accumulation steps doubles the gradient and fails this."""
+    import medsyn.training.ldm_compact as ldm_compact
+
+    recorded = []
+    real_step = ldm_compact.optimizer_step
+
+    def recording_step(accelerator, parameters, *args):
+        recorded.append([p.grad.detach().clone() for p in parameters])  # before clipping and stepping
+        real_step(accelerator, parameters, *args)
+
+    monkeypatch.setattr(ldm_compact, "optimizer_step", recording_step)
+    common = {
+        "lr": 0.0,
+        "lr_warmup_steps": 0,
+        "checkpoint_every": 0,
+        "validation_every": 0,
+        "progress": False,
+        "config": TINY_UNET,
+    }
+    train_unet(tiny_dataset, tiny_vae["vae_dir"], tmp_path / "single", steps=2, batch_size=4, **common)
+    train_unet(
+        tiny_dataset,
+        tiny_vae["vae_dir"],
+        tmp_path / "accumulated",
+        steps=1,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        **common,
+    )
+    first, second, accumulated = recorded
+    assert any(g.abs().sum() > 0 for g in accumulated)
+    for a, b, together in zip(first, second, accumulated):
+        torch.testing.assert_close(together, (a + b) / 2, rtol=1e-4, atol=1e-7)
 
 
 def test_unet_learns_and_the_pipeline_reloads_with_diffusers(tiny_dataset, tiny_vae, tmp_path):
@@ -78,15 +133,29 @@ def test_unet_learns_and_the_pipeline_reloads_with_diffusers(tiny_dataset, tiny_
     b = generate(ours, ["A red disc.", "A cyan bar."], per_prompt=2, seed=5, steps=10)
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
     # one image alone, from its recorded seed, is the same image
-    alone = reloaded("A cyan bar.", height=16, width=16, num_inference_steps=10, guidance_scale=4.0, output_type="np",
-                     generator=torch.Generator().manual_seed(a[3]["seed"])).images[0]
+    alone = reloaded(
+        "A cyan bar.",
+        height=16,
+        width=16,
+        num_inference_steps=10,
+        guidance_scale=4.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(a[3]["seed"]),
+    ).images[0]
     assert np.abs(np.rint(alone * 255) - a[3]["image"].astype(float)).max() <= 1
     # samples stay bounded (v-prediction): the final latents are of the training latents' scale
-    latents = reloaded(["A red disc."] * 4, height=16, width=16, num_inference_steps=10, output_type="latent",
-                       generator=torch.Generator().manual_seed(0)).images
+    latents = reloaded(
+        ["A red disc."] * 4,
+        height=16,
+        width=16,
+        num_inference_steps=10,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert torch.isfinite(latents).all() and latents.abs().max() < 10
     # the text encoder in the pipeline encodes prompts exactly as training did
     from medsyn.models.text_encoders import load_text_encoder
+
     cached = np.load(tmp_path / "run" / "cache" / "prompt_hidden_states.npy")
     rows = json.loads((tmp_path / "run" / "cache" / "prompts.json").read_text())
     embeds, _ = reloaded.encode_prompt(rows[1:], "cpu", 1, False)
@@ -127,10 +196,29 @@ def test_two_processes_train_the_same_model_as_one(tiny_dataset, tiny_vae, tmp_p
         f"config=json.loads({json.dumps(json.dumps(TINY_UNET))}), steps=3, batch_size=8, lr=2e-3, lr_warmup_steps=2, "
         "checkpoint_every=0, validation_every=0, progress=False)\n"
         "from accelerate import PartialState\nstate = PartialState()\n"
-        f"open({str(tmp_path)!r} + f'/rank{{state.process_index}}.txt', 'w').write(f'{{state.num_processes}} {{state.backend}}')\n")
-    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
-                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        f"open({str(tmp_path)!r} + f'/rank{{state.process_index}}.txt', 'w').write(f'{{state.num_processes}} {{state.backend}}')\n"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     # two CPU processes in one gloo group (each writes its own file: their stdout may interleave)
     assert [(tmp_path / f"rank{i}.txt").read_text() for i in (0, 1)] == ["2 gloo"] * 2, run.stdout

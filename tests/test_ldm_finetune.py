@@ -7,17 +7,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import save_tiny_sd, write_tiny_dataset
 
 from medsyn.sampling import generate, load_pipeline
 from medsyn.training.ldm_finetune import finetune_unet
-from tiny_models import save_tiny_sd, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("finetune")
-    return {"data": write_tiny_dataset(root / "data", size=32), "sd": save_tiny_sd(root / "sd"),
-            "xl": save_tiny_sd(root / "xl", xl=True)}
+    return {
+        "data": write_tiny_dataset(root / "data", size=32),
+        "sd": save_tiny_sd(root / "sd"),
+        "xl": save_tiny_sd(root / "xl", xl=True),
+    }
 
 
 def _finetune(tiny, out, steps, pretrained="sd", **kw):

@@ -8,28 +8,46 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import save_tiny_flux, save_tiny_kandinsky, write_tiny_dataset
 
 from medsyn.sampling import generate, image_size, load_pipeline
 from medsyn.training.lora_large import combine_kandinsky, finetune_flux, finetune_kandinsky, load_local
-from tiny_models import save_tiny_flux, save_tiny_kandinsky, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("large")
-    return {"data": write_tiny_dataset(root / "data"), "flux": save_tiny_flux(root / "flux"),
-            "kandinsky": save_tiny_kandinsky(root / "kandinsky")}
+    return {
+        "data": write_tiny_dataset(root / "data"),
+        "flux": save_tiny_flux(root / "flux"),
+        "kandinsky": save_tiny_kandinsky(root / "kandinsky"),
+    }
 
 
 def _flux(tiny, out, steps, **kw):
-    kw = {"lr": 2e-2, "batch_size": 8, "lora_rank": 8, "max_sequence_length": 16, "checkpoint_every": 4,
-          "validation_every": 0, "progress": False, **kw}
+    kw = {
+        "lr": 2e-2,
+        "batch_size": 8,
+        "lora_rank": 8,
+        "max_sequence_length": 16,
+        "checkpoint_every": 4,
+        "validation_every": 0,
+        "progress": False,
+        **kw,
+    }
     return finetune_flux(tiny["data"], tiny["flux"], out, steps=steps, **kw)
 
 
 def _kandinsky(tiny, out, steps, **kw):
-    kw = {"lr": 3e-3, "batch_size": 8, "lora_rank": 8, "checkpoint_every": 4, "validation_every": 0,
-          "progress": False, **kw}
+    kw = {
+        "lr": 3e-3,
+        "batch_size": 8,
+        "lora_rank": 8,
+        "checkpoint_every": 4,
+        "validation_every": 0,
+        "progress": False,
+        **kw,
+    }
     return finetune_kandinsky(tiny["data"], tiny["kandinsky"], out, steps=steps, **kw)
 
 
@@ -43,7 +61,9 @@ def test_flux_lora_learns_resumes_and_loads_with_diffusers(tiny, tmp_path):
     learned = _flux(tiny, tmp_path / "long", steps=40, checkpoint_every=0, validation_every=40)
     history = learned["loss_history"]
     assert np.mean(history[-8:]) < 0.8 * np.mean(history[:8])
-    total = sum(v.numel() for v in load_file(tiny["flux"] / "transformer" / "diffusion_pytorch_model.safetensors").values())
+    total = sum(
+        v.numel() for v in load_file(tiny["flux"] / "transformer" / "diffusion_pytorch_model.safetensors").values()
+    )
     assert 0 < learned["trained_parameters"] < 0.3 * total
     assert (tmp_path / "long" / "validation" / "step_0000040.png").is_file()
 
@@ -51,7 +71,10 @@ def test_flux_lora_learns_resumes_and_loads_with_diffusers(tiny, tmp_path):
     _flux(tiny, tmp_path / "resumed", steps=4, ema_decay=0.9)
     resumed = _flux(tiny, tmp_path / "resumed", steps=8, ema_decay=0.9)
     assert resumed["loss_history"] == straight["loss_history"][4:]
-    a, b = (load_file(run / "lora" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "straight", tmp_path / "resumed"))
+    a, b = (
+        load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+        for run in (tmp_path / "straight", tmp_path / "resumed")
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     merged = load_pipeline(learned["pipeline_dir"])
@@ -84,8 +107,10 @@ def test_kandinsky_lora_on_prior_and_decoder(tiny, tmp_path):
     resumed = _kandinsky(tiny, tmp_path / "resumed", steps=8)
     assert resumed["loss_history"] == straight["loss_history"][4:]
     for part in ("decoder", "prior"):
-        a, b = (load_file(run / "lora" / part / "pytorch_lora_weights.safetensors")
-                for run in (tmp_path / "straight", tmp_path / "resumed"))
+        a, b = (
+            load_file(run / "lora" / part / "pytorch_lora_weights.safetensors")
+            for run in (tmp_path / "straight", tmp_path / "resumed")
+        )
         assert all(torch.equal(a[k], b[k]) for k in a)
 
     merged = load_pipeline(learned["pipeline_dir"])
@@ -93,9 +118,12 @@ def test_kandinsky_lora_on_prior_and_decoder(tiny, tmp_path):
     base = load_local(tiny["kandinsky"], "KandinskyV22CombinedPipeline")
     base.unet.register_to_config(sample_size=8)
     before = generate(base, ["A cyan bar."], per_prompt=2, seed=3, steps=4)
-    base.unet.load_lora_adapter(learned["lora_dir"] / "decoder", prefix=None, weight_name="pytorch_lora_weights.safetensors")
-    base.prior_prior.load_lora_adapter(learned["lora_dir"] / "prior", prefix=None,
-                                      weight_name="pytorch_lora_weights.safetensors")
+    base.unet.load_lora_adapter(
+        learned["lora_dir"] / "decoder", prefix=None, weight_name="pytorch_lora_weights.safetensors"
+    )
+    base.prior_prior.load_lora_adapter(
+        learned["lora_dir"] / "prior", prefix=None, weight_name="pytorch_lora_weights.safetensors"
+    )
     after = generate(base, ["A cyan bar."], per_prompt=2, seed=3, steps=4)
     images = generate(merged, ["A cyan bar."], per_prompt=2, seed=3, steps=4)
     assert images[0]["image"].shape == (16, 16, 3)
@@ -111,12 +139,17 @@ def test_kandinsky_from_the_two_published_directories(tiny, tmp_path):
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
     combined = load_local(tiny["kandinsky"], "KandinskyV22CombinedPipeline")
-    KandinskyV22PriorPipeline(prior=combined.prior_prior, image_encoder=combined.prior_image_encoder,
-                              text_encoder=combined.prior_text_encoder, tokenizer=combined.prior_tokenizer,
-                              scheduler=combined.prior_scheduler,
-                              image_processor=combined.prior_image_processor).save_pretrained(tmp_path / "prior")
-    KandinskyV22Pipeline(unet=combined.unet, scheduler=combined.scheduler,
-                         movq=combined.movq).save_pretrained(tmp_path / "decoder")
+    KandinskyV22PriorPipeline(
+        prior=combined.prior_prior,
+        image_encoder=combined.prior_image_encoder,
+        text_encoder=combined.prior_text_encoder,
+        tokenizer=combined.prior_tokenizer,
+        scheduler=combined.prior_scheduler,
+        image_processor=combined.prior_image_processor,
+    ).save_pretrained(tmp_path / "prior")
+    KandinskyV22Pipeline(unet=combined.unet, scheduler=combined.scheduler, movq=combined.movq).save_pretrained(
+        tmp_path / "decoder"
+    )
     out = combine_kandinsky(tmp_path / "prior", tmp_path / "decoder", tmp_path / "combined")
     a = generate(load_pipeline(out), ["A red disc."], per_prompt=1, seed=0, steps=3)
     b = generate(combined, ["A red disc."], per_prompt=1, seed=0, steps=3)

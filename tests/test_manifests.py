@@ -7,9 +7,24 @@ import yaml
 from medsyn.data.manifest import ManifestError, load_manifest, validate_manifest
 from medsyn.paths import MANIFESTS_DIR
 
-REQUIRED_SOURCES = ["kvasir_vqa", "kvasir_v2", "roco_v2", "mimic_cxr_jpg", "chexpert", "rsna_pe", "brats", "ham10000",
-                    "isic_2019", "kermany_oct", "fundus_odir", "pcam", "camelyon16", "cholec80", "sar_rarp50",
-                    "folder_by_class"]
+REQUIRED_SOURCES = [
+    "kvasir_vqa",
+    "kvasir_v2",
+    "roco_v2",
+    "mimic_cxr_jpg",
+    "chexpert",
+    "rsna_pe",
+    "brats",
+    "ham10000",
+    "isic_2019",
+    "kermany_oct",
+    "fundus_odir",
+    "pcam",
+    "camelyon16",
+    "cholec80",
+    "sar_rarp50",
+    "folder_by_class",
+]
 
 
 @pytest.mark.parametrize("name", REQUIRED_SOURCES)
@@ -65,8 +80,23 @@ def test_cli_exits_non_zero_naming_the_misspelled_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(manifest))
     (tmp_path / "raw").mkdir()
-    run = subprocess.run([sys.executable, "-m", "medsyn", "curate", "--manifest", str(bad), "--raw", str(tmp_path / "raw"),
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medsyn",
+            "curate",
+            "--manifest",
+            str(bad),
+            "--raw",
+            str(tmp_path / "raw"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0
     assert "reader.inclde" in run.stderr and "did you mean 'include'" in run.stderr
     assert not (tmp_path / "out").exists()

@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from medsyn.data.preprocess import (percentile_rescale, resize_center_crop, tile_image, tile_origins,
-                                    tissue_fraction, voi_window)
+from medsyn.data.preprocess import (
+    percentile_rescale,
+    resize_center_crop,
+    tile_image,
+    tile_origins,
+    tissue_fraction,
+    voi_window,
+)
 
 
 def test_percentile_rescale_against_numpy():
@@ -53,7 +59,7 @@ def test_tiles_overlap_at_most_ten_percent_and_stay_inside(length, tile):
         assert tile - (b - a) <= 0.1 * tile + 1  # +1 for rounding of fractional strides
     covered = np.zeros(length, bool)
     for o in origins:
-        covered[o:o + tile] = True
+        covered[o : o + tile] = True
     assert covered.mean() > 0.9
 
 

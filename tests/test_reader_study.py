@@ -9,10 +9,10 @@ import urllib.request
 
 import numpy as np
 import pytest
+from tiny_models import write_tiny_dataset
 
 from medsyn.reader_study import build_study, plot_reader_study, reader_table, serve
 from medsyn.sampling import write_generated_dataset
-from tiny_models import write_tiny_dataset
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -21,9 +21,22 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def study(tmp_path):
     data = write_tiny_dataset(tmp_path / "data", size=16, n=24)
     rng = np.random.default_rng(0)
-    samples = [{"prompt_id": i % 2, "prompt": ["A cyan bar.", "A red disc."][i % 2], "seed": i,
-                "image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)} for i in range(6)]
-    write_generated_dataset(samples, tmp_path / "gen", "fam", [{"labels": ["bar"]}, {"labels": ["disc"]}], {})
+    samples = [
+        {
+            "prompt_id": i % 2,
+            "prompt": ["A cyan bar.", "A red disc."][i % 2],
+            "seed": i,
+            "image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+        }
+        for i in range(6)
+    ]
+    write_generated_dataset(
+        samples,
+        tmp_path / "gen",
+        "fam",
+        [{"source": "tiny", "labels": ["bar"]}, {"source": "tiny", "labels": ["disc"]}],
+        {},
+    )
     directory = build_study(data, {"fam": tmp_path / "gen"}, tmp_path / "study", per_class=2, split="validation")
     server = serve(directory, port=0)
     yield {"dir": directory, "url": f"http://127.0.0.1:{server.server_address[1]}"}
@@ -31,8 +44,9 @@ def study(tmp_path):
 
 
 def _post(url, body):
-    request = urllib.request.Request(url + "/api/answer", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/api/answer", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request) as response:
             return response.status
@@ -50,19 +64,33 @@ def test_the_study_is_blinded(study):
     with pytest.raises(FileExistsError):
         build_study(study["dir"], {}, study["dir"])
     empty = reader_table(study["dir"])
-    assert empty.empty and "python -m medsyn.reader_study" in plot_reader_study(empty, study["dir"]).axes[0].texts[0].get_text()
+    assert (
+        empty.empty
+        and "python -m medsyn.reader_study" in plot_reader_study(empty, study["dir"]).axes[0].texts[0].get_text()
+    )
 
 
 def test_the_server_refuses_what_it_did_not_list(study):
     url, token = study["url"], json.loads((study["dir"] / "study.json").read_text())["images"][0]
-    for path in ("/images/../key.json", "/key.json", "/images/0123456789abcdef.png", "/study.json",
-                 "/images/%2e%2e/key.json"):
+    for path in (
+        "/images/../key.json",
+        "/key.json",
+        "/images/0123456789abcdef.png",
+        "/study.json",
+        "/images/%2e%2e/key.json",
+    ):
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(url + path)
         assert error.value.code == 404, path
     good = {"reader": "r1", "image": token, "class": "tiny: bar", "confidence": 3}
-    for bad in ({**good, "reader": "../etc"}, {**good, "image": "../../key"}, {**good, "class": "x"},
-                {**good, "confidence": 6}, {**good, "confidence": "3"}, {**good, "extra": 1}):
+    for bad in (
+        {**good, "reader": "../etc"},
+        {**good, "image": "../../key"},
+        {**good, "class": "x"},
+        {**good, "confidence": 6},
+        {**good, "confidence": "3"},
+        {**good, "extra": 1},
+    ):
         assert _post(url, bad) == 400, bad
     assert not (study["dir"] / "responses.jsonl").exists()
     assert _post(url, good) == 200 and _post(url, good) == 409  # one answer per reader and image
@@ -81,7 +109,7 @@ def test_a_reader_answers_every_image_in_a_headless_browser(study):
         page.click("#start")
         for n in range(len(key)):
             page.wait_for_selector("#image[src*='/images/']")
-            page.wait_for_function("document.getElementById('progress').textContent.startsWith('Image %d ')" % (n + 1))
+            page.wait_for_function(f"document.getElementById('progress').textContent.startsWith('Image {n + 1} ')")
             page.wait_for_function("document.getElementById('image').complete")
             assert page.evaluate("document.getElementById('image').naturalWidth") == 16  # the image loaded
             page.select_option("#class", "tiny: disc")

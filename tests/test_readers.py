@@ -3,12 +3,19 @@
 import numpy as np
 import pydicom
 import pytest
+from conftest import pydicom_file
 from pydicom.pixels import apply_voi_lut
 
 from medsyn.data.preprocess import hounsfield_window
-from medsyn.data.readers import (UnreadableImageError, dicom_to_display, load_dicom, read_dicom, read_nifti,
-                                 read_raster, sniff_format)
-from conftest import pydicom_file
+from medsyn.data.readers import (
+    UnreadableImageError,
+    dicom_to_display,
+    load_dicom,
+    read_dicom,
+    read_nifti,
+    read_raster,
+    sniff_format,
+)
 
 
 def test_ct_is_returned_in_hounsfield_units():
@@ -51,19 +58,22 @@ def test_monochrome1_radiograph_is_inverted_after_its_voi_window():
     path = pydicom_file("RG1_UNCI.dcm")
     ds = pydicom.dcmread(path)
     assert ds.PhotometricInterpretation == "MONOCHROME1"
-    reference = apply_voi_lut(ds.pixel_array, ds) / (2 ** ds.BitsStored - 1) * 255  # pydicom's own VOI window
+    reference = apply_voi_lut(ds.pixel_array, ds) / (2**ds.BitsStored - 1) * 255  # pydicom's own VOI window
     display = dicom_to_display(load_dicom(path))
     assert np.abs((255 - display.astype(np.float64)) - reference).max() <= 1.0
     # bone bright: the display is the inverse of the stored values' ordering
     assert np.corrcoef(display.ravel()[::97], ds.pixel_array.ravel()[::97])[0, 1] < -0.9
 
 
-@pytest.mark.parametrize("compressed, uncompressed", [
-    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
-    ("MR_small_RLE.dcm", "MR_small.dcm"),
-    ("MR2_J2KR.dcm", "MR2_UNCR.dcm"),
-    ("JPEG-LL.dcm", None),
-])
+@pytest.mark.parametrize(
+    "compressed, uncompressed",
+    [
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("MR_small_RLE.dcm", "MR_small.dcm"),
+        ("MR2_J2KR.dcm", "MR2_UNCR.dcm"),
+        ("JPEG-LL.dcm", None),
+    ],
+)
 def test_compressed_transfer_syntaxes_decode_through_the_plugins(compressed, uncompressed):
     pixels = read_dicom(pydicom_file(compressed))
     assert pixels.size and np.isfinite(pixels).all()

@@ -1,15 +1,14 @@
 """`medsyn sample`: a generated dataset in the curated format, every image regenerable from its record."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import save_tiny_sd, write_tiny_dataset
 
 from medsyn.cli import main
+from medsyn.data.dataset import class_key, image_path, read_records
 from medsyn.sampling import load_pipeline, set_scheduler
-from tiny_models import save_tiny_sd, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -20,32 +19,95 @@ def tiny(tmp_path_factory):
 
 def test_sample_writes_a_generated_dataset_whose_images_regenerate(tiny, tmp_path):
     out = tmp_path / "generated"
-    assert main(["sample", "--pipeline", str(tiny["sd"]), "--dataset", str(tiny["data"]), "--out", str(out),
-                 "--model", "tiny-sd", "--per-prompt", "3", "--scheduler", "euler", "--steps", "4",
-                 "--guidance", "7", "--seed", "5"]) == 0
-    records = [json.loads(line) for line in open(out / "metadata.jsonl")]
+    assert (
+        main(
+            [
+                "sample",
+                "--pipeline",
+                str(tiny["sd"]),
+                "--dataset",
+                str(tiny["data"]),
+                "--out",
+                str(out),
+                "--model",
+                "tiny-sd",
+                "--per-prompt",
+                "3",
+                "--scheduler",
+                "euler",
+                "--steps",
+                "4",
+                "--guidance",
+                "7",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
+    records = read_records(out)
     assert len(records) == 2 * 3 and len({r["seed"] for r in records}) == 6
     assert {r["text"] for r in records} == {"A red disc.", "A cyan bar."}
     for r in records:
-        assert r["model"] == "tiny-sd" and r["scheduler"] == "euler" and r["labels"] in (["disc"], ["bar"])
-        assert r["labels"] == (["disc"] if r["text"] == "A red disc." else ["bar"])
-        assert (out / r["file_name"]).is_file()
+        assert r["model"] == "tiny-sd" and r["scheduler"] == "euler" and r["split"] == "train"
+        # the record names the class its prompt asks for, as a real record does
+        assert class_key(r) == ("tiny: disc" if r["text"] == "A red disc." else "tiny: bar")
+        assert image_path(out, r).is_file()
     # one image alone, from its record
     r = records[4]
     pipeline = load_pipeline(tiny["sd"])
     set_scheduler(pipeline, r["scheduler"])
-    alone = pipeline(r["text"], num_inference_steps=r["steps"], guidance_scale=r["guidance_scale"], height=32,
-                     width=32, output_type="np", generator=torch.Generator().manual_seed(r["seed"])).images[0]
-    written = np.asarray(Image.open(out / r["file_name"]))
+    alone = pipeline(
+        r["text"],
+        num_inference_steps=r["steps"],
+        guidance_scale=r["guidance_scale"],
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(r["seed"]),
+    ).images[0]
+    written = np.asarray(Image.open(image_path(out, r)))
     assert np.abs(np.rint(alone * 255) - written).max() <= 1
     # never overwrite a generated dataset
-    assert main(["sample", "--pipeline", str(tiny["sd"]), "--dataset", str(tiny["data"]), "--out", str(out),
-                 "--model", "tiny-sd", "--per-prompt", "1", "--steps", "2"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--pipeline",
+                str(tiny["sd"]),
+                "--dataset",
+                str(tiny["data"]),
+                "--out",
+                str(out),
+                "--model",
+                "tiny-sd",
+                "--per-prompt",
+                "1",
+                "--steps",
+                "2",
+            ]
+        )
+        == 2
+    )
 
 
 def test_unknown_scheduler_and_missing_pipeline(tiny, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown scheduler"):
         set_scheduler(load_pipeline(tiny["sd"]), "heun-ish")
-    assert main(["sample", "--pipeline", str(tmp_path / "none"), "--dataset", str(tiny["data"]),
-                 "--out", str(tmp_path / "g"), "--model", "x"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--pipeline",
+                str(tmp_path / "none"),
+                "--dataset",
+                str(tiny["data"]),
+                "--out",
+                str(tmp_path / "g"),
+                "--model",
+                "x",
+            ]
+        )
+        == 2
+    )
     assert str(tmp_path / "none") in capsys.readouterr().err

@@ -35,8 +35,14 @@ def test_split_rejects_bad_fractions():
 def _photo(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:64, 0:64] / 64
-    image = np.stack([np.sin(xx * rng.uniform(3, 9) + rng.uniform(0, 6)), np.cos(yy * rng.uniform(3, 9)),
-                      np.sin((xx + yy) * rng.uniform(2, 7))], -1)
+    image = np.stack(
+        [
+            np.sin(xx * rng.uniform(3, 9) + rng.uniform(0, 6)),
+            np.cos(yy * rng.uniform(3, 9)),
+            np.sin((xx + yy) * rng.uniform(2, 7)),
+        ],
+        -1,
+    )
     return ((image + 1) * 120 + rng.normal(0, 4, image.shape)).clip(0, 255).astype(np.uint8)
 
 
@@ -47,7 +53,9 @@ def test_exact_and_near_duplicates_are_found_and_distinct_images_are_not(tmp_pat
         assert index.check(f"img{i}", image) is None
     assert index.check("copy", originals[3].copy()) == ("exact_duplicate", "img3")
     # re-encoded as JPEG and brightened: a near duplicate of image 5
-    Image.fromarray(np.clip(originals[5].astype(float) * 1.04 + 3, 0, 255).astype(np.uint8)).save(tmp_path / "a.jpg", quality=70)
+    Image.fromarray(np.clip(originals[5].astype(float) * 1.04 + 3, 0, 255).astype(np.uint8)).save(
+        tmp_path / "a.jpg", quality=70
+    )
     assert index.check("reencoded", np.asarray(Image.open(tmp_path / "a.jpg"))) == ("near_duplicate", "img5")
     assert DuplicateIndex(min_correlation=None).check("x", originals[0]) is None
 
@@ -63,12 +71,20 @@ def test_pixel_hash_ignores_the_container_but_not_the_pixels():
 def test_captions_follow_medisyn_style():
     caption = {"template": "Dermoscopy image showing {labels}."}
     assert caption_from_labels(["melanoma"], caption, "dermoscopy") == "Dermoscopy image showing melanoma."
-    chest = {"template": "Frontal chest X-ray showing {labels}.", "normal_template": "Frontal chest X-ray with no finding.",
-             "normal_labels": ["no finding"]}
-    assert caption_from_labels(["cardiomegaly", "pleural effusion"], chest, "chest X-ray") == \
-        "Frontal chest X-ray showing cardiomegaly and pleural effusion."
+    chest = {
+        "template": "Frontal chest X-ray showing {labels}.",
+        "normal_template": "Frontal chest X-ray with no finding.",
+        "normal_labels": ["no finding"],
+    }
+    assert (
+        caption_from_labels(["cardiomegaly", "pleural effusion"], chest, "chest X-ray")
+        == "Frontal chest X-ray showing cardiomegaly and pleural effusion."
+    )
     assert caption_from_labels(["no finding"], chest, "chest X-ray") == "Frontal chest X-ray with no finding."
-    assert caption_from_labels(["x"], {"template": "{image_type} with {labels}"}, "medical image") == "Medical image with x"
+    assert (
+        caption_from_labels(["x"], {"template": "{image_type} with {labels}"}, "medical image")
+        == "Medical image with x"
+    )
     assert join_labels(["a", "b", "c"]) == "a, b and c"
     with pytest.raises(ValueError, match="without labels"):
         caption_from_labels([], caption, "dermoscopy")
@@ -79,9 +95,11 @@ def test_captions_follow_medisyn_style():
 def test_vocabulary_and_report_prompt():
     vocabulary = load_vocabulary(VOCABULARIES_DIR / "chest_xray.yaml")
     prompt = report_prompt(["cardiomegaly", "pleural effusion"], vocabulary)
-    assert prompt == ("Chest X-ray. Anatomy: heart, pleura. Pathology: cardiomegaly (heart); pleural effusion (pleura). "
-                      "Findings: The cardiac silhouette is enlarged. There is a pleural effusion with blunting of the "
-                      "costophrenic angle.")
+    assert prompt == (
+        "Chest X-ray. Anatomy: heart, pleura. Pathology: cardiomegaly (heart); pleural effusion (pleura). "
+        "Findings: The cardiac silhouette is enlarged. There is a pleural effusion with blunting of the "
+        "costophrenic angle."
+    )
     assert "Pathology: none" in report_prompt(["no finding"], vocabulary)
     with pytest.raises(ValueError, match="not in vocabulary"):
         report_prompt(["melanoma"], vocabulary)

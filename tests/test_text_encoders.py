@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import clip_tokenizer_files, clip_tower, t5_tokenizer_and_tower
 
 from medsyn.models.text_encoders import load_text_encoder, minilm_path
-from tiny_models import clip_tokenizer_files, clip_tower, t5_tokenizer_and_tower
 
 
 def test_minilm_is_the_packaged_sentence_encoder():
@@ -22,8 +22,9 @@ def test_bert_like_encoder_from_a_local_directory(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(tmp_path)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path)
     encoder = load_text_encoder("bert", tmp_path, max_length=16)
     assert encoder.encode(["a chest X-ray"]).hidden_states.shape == (1, 16, 32)
 
@@ -53,8 +54,16 @@ def test_clip_tower_with_fewer_positions_than_77(tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vocab = clip_tokenizer_files(tmp_path / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=32)).save_pretrained(tmp_path / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(tmp_path / "text_encoder")
     encoder = load_text_encoder("clip", tmp_path)
     assert encoder.max_length == 32 and encoder.encode(["a polyp"]).hidden_states.shape == (1, 32, 16)
 
@@ -69,7 +78,9 @@ def test_t5_attends_only_to_real_tokens(tmp_path):
     real = len("a polyp") + 1  # one piece per character (spaces join the next one) plus </s>, minus the space
     assert out.attention_mask.sum(1).tolist() == [real - 1, 1]  # the empty prompt is just </s>
     short = load_text_encoder("t5", tmp_path, max_length=16).encode(["a polyp"])
-    torch.testing.assert_close(short.hidden_states[0, :real - 1], out.hidden_states[0, :real - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        short.hidden_states[0, : real - 1], out.hidden_states[0, : real - 1], atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         load_text_encoder("t5", tmp_path / "nowhere")
 

@@ -13,8 +13,13 @@ def test_min_snr_weights_equal_min_snr_on_the_x0_error_for_epsilon_and_v():
     x0, noise = torch.randn(64, 4, 8, 8, generator=g), torch.randn(64, 4, 8, 8, generator=g)
     t = torch.randint(0, 1000, (64,), generator=g)
     for kind in ("epsilon", "v_prediction"):
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                  beta_end=0.012, prediction_type=kind)
+        scheduler = DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type=kind,
+        )
         alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1).double()
         sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1).double()
         x_t = scheduler.add_noise(x0, noise, t).double()

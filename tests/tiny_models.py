@@ -7,15 +7,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 # a small open_clip model for the domain-CLIP code paths (32-d embeddings, 32-px images in 8-px patches)
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def write_tiny_dataset(root: Path, size: int = 16, n: int = 24) -> Path:
-    """A curated-format data set of two classes, a red disc and a cyan bar, with captions."""
-    (root / "images").mkdir(parents=True)
+    """A curated-format data set (`medsyn.data.dataset`) of two classes, a red disc and a cyan bar, with
+    captions: the last sixth of the images in the validation split."""
+    from medsyn.data.dataset import image_path, write_records
+
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size]
     c, records = size // 2, []
@@ -25,14 +29,23 @@ def write_tiny_dataset(root: Path, size: int = 16, n: int = 24) -> Path:
         if disc:
             image[(yy - c) ** 2 + (xx - c) ** 2 < (size / 3.5) ** 2] = (230, 80, 80)
         else:
-            image[:, c - size // 8:c + size // 8] = (60, 200, 220)
+            image[:, c - size // 8 : c + size // 8] = (60, 200, 220)
         image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
-        name = f"images/{i:02x}.png"
-        Image.fromarray(image).save(root / name)
-        records.append({"file_name": name, "text": "A red disc." if disc else "A cyan bar.",
-                        "split": "validation" if i >= n - n // 6 else "train", "labels": ["disc" if disc else "bar"],
-                        "source": "tiny", "specialty": "tiny", "image_type": "phantom", "patient_id": f"tiny-{i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        records.append(
+            {
+                "file_name": f"{i:02x}.png",
+                "text": "A red disc." if disc else "A cyan bar.",
+                "split": "validation" if i >= n - n // 6 else "train",
+                "labels": ["disc" if disc else "bar"],
+                "source": "tiny",
+                "specialty": "tiny",
+                "image_type": "phantom",
+                "patient_id": f"tiny-{i}",
+            }
+        )
+        image_path(root, records[-1]).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(image_path(root, records[-1]))
+    write_records(root, records, kind="curated")
     return root
 
 
@@ -51,9 +64,17 @@ def clip_tokenizer_files(directory: Path) -> int:
 def clip_tower(directory: Path, vocab_size: int, hidden: int, projection: bool = False) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
-                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+    )
     torch.manual_seed(0)
     (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(directory)
 
@@ -73,27 +94,46 @@ def t5_tokenizer_and_tower(directory: Path, hidden: int = 32) -> None:
     model.normalizer = normalizers.NFKC()
     model.pre_tokenizer = pre_tokenizers.Metaspace()
     model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                extra_ids=0)
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
+    )
     tokenizer.save_pretrained(directory / "tokenizer")
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2,
-                            num_heads=4, relative_attention_num_buckets=8)).save_pretrained(directory / "text_encoder")
+    T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=hidden,
+            d_kv=8,
+            d_ff=2 * hidden,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
+    ).save_pretrained(directory / "text_encoder")
 
 
 def tiny_vae(sample_size: int = 16):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4,
-                         sample_size=sample_size)
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=sample_size,
+    )
 
 
 def save_tiny_sd(directory: Path, xl: bool = False, prediction_type: str = "epsilon") -> Path:
     """A randomly initialised Stable Diffusion 1.x (or SDXL) pipeline directory with CLIP text towers."""
-    from diffusers import (EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     parts = directory / "parts"
@@ -104,27 +144,55 @@ def save_tiny_sd(directory: Path, xl: bool = False, prediction_type: str = "epsi
         clip_tokenizer_files(parts / "tokenizer_2")
         clip_tower(parts / "text_encoder_2", vocab, 32, projection=True)
         # SDXL conditions on the pooled text embedding plus 6 size / crop numbers, each embedded in 8
-        unet_kw = {"cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                   "projection_class_embeddings_input_dim": 32 + 6 * 8}
+        unet_kw = {
+            "cross_attention_dim": 64,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 32 + 6 * 8,
+        }
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[16, 32],
-                                layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
-                                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], **unet_kw)
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       steps_offset=1, prediction_type=prediction_type)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[16, 32],
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        **unet_kw,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
     vae = tiny_vae()
     vae.register_to_config(scaling_factor=1.0)
     local = {"local_files_only": True}
-    text = {"tokenizer": CLIPTokenizer.from_pretrained(parts / "tokenizer", model_max_length=77, **local),
-            "text_encoder": CLIPTextModel.from_pretrained(parts / "text_encoder", **local)}
+    text = {
+        "tokenizer": CLIPTokenizer.from_pretrained(parts / "tokenizer", model_max_length=77, **local),
+        "text_encoder": CLIPTextModel.from_pretrained(parts / "text_encoder", **local),
+    }
     if xl:
-        text |= {"tokenizer_2": CLIPTokenizer.from_pretrained(parts / "tokenizer_2", model_max_length=77, **local),
-                 "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(parts / "text_encoder_2", **local)}
+        text |= {
+            "tokenizer_2": CLIPTokenizer.from_pretrained(parts / "tokenizer_2", model_max_length=77, **local),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(parts / "text_encoder_2", **local),
+        }
         pipeline = StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=scheduler, **text)
     else:
-        pipeline = StableDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False, **text)
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **text,
+        )
     pipeline.save_pretrained(directory / "pipeline")
     return directory / "pipeline"
 
@@ -140,27 +208,49 @@ def save_tiny_flux(directory: Path) -> Path:
     clip_tower(parts / "text_encoder", vocab, 32)
     t5_tokenizer_and_tower(parts / "t5")
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
     # a pretrained model's output is calibrated, a random one's is large noise that low-rank adapters
     # cannot cancel: start from a zero output layer (adaLN-zero style)
     torch.nn.init.zeros_(transformer.proj_out.weight)
     torch.nn.init.zeros_(transformer.proj_out.bias)
-    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4, sample_size=16,
-                        shift_factor=0.1, scaling_factor=1.5, use_quant_conv=False, use_post_quant_conv=False)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=16,
+        shift_factor=0.1,
+        scaling_factor=1.5,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
     with torch.no_grad():  # a trained VAE's posterior is narrow; a random one's std is about 1
         vae.encoder.conv_out.weight[4:] = 0
         vae.encoder.conv_out.bias[4:] = -10.0
     local = {"local_files_only": True}
     tokenizer_2 = T5TokenizerFast.from_pretrained(parts / "t5" / "tokenizer", **local)
     tokenizer_2.model_max_length = 512
-    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                            text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder", **local),
-                            tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer", model_max_length=77, **local),
-                            text_encoder_2=T5EncoderModel.from_pretrained(parts / "t5" / "text_encoder", **local),
-                            tokenizer_2=tokenizer_2, transformer=transformer)
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder", **local),
+        tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer", model_max_length=77, **local),
+        text_encoder_2=T5EncoderModel.from_pretrained(parts / "t5" / "text_encoder", **local),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
     pipeline.save_pretrained(directory / "pipeline")
     return directory / "pipeline"
 
@@ -168,10 +258,21 @@ def save_tiny_flux(directory: Path) -> Path:
 def save_tiny_kandinsky(directory: Path) -> Path:
     """A randomly initialised Kandinsky 2.2 combined pipeline directory: prior (CLIP text and image
     towers, PriorTransformer, UnCLIP scheduler) and decoder (image-embedding U-Net, MoVQ, DDPM)."""
-    from diffusers import (DDPMScheduler, KandinskyV22CombinedPipeline, PriorTransformer, UNet2DConditionModel,
-                           UnCLIPScheduler, VQModel)
-    from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from diffusers import (
+        DDPMScheduler,
+        KandinskyV22CombinedPipeline,
+        PriorTransformer,
+        UnCLIPScheduler,
+        UNet2DConditionModel,
+        VQModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     parts = directory / "parts"
     vocab = clip_tokenizer_files(parts / "tokenizer")
@@ -179,29 +280,61 @@ def save_tiny_kandinsky(directory: Path) -> Path:
     torch.manual_seed(0)
     prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=32, num_layers=1)
     prior.clip_std = torch.nn.Parameter(torch.ones(prior.clip_std.shape))  # a real prior holds CLIP's statistics
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, image_size=32, projection_dim=32,
-                                                                   intermediate_size=37, num_attention_heads=4,
-                                                                   num_hidden_layers=2, patch_size=8))
-    processor = CLIPImageProcessor(crop_size=32, size=32, do_center_crop=True, do_normalize=True, do_resize=True,
-                                   resample=3)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=8, addition_embed_type="image",
-                                down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-                                up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-                                mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(16, 32),
-                                layers_per_block=1, encoder_hid_dim=32, encoder_hid_dim_type="image_proj",
-                                cross_attention_dim=32, attention_head_dim=4, resnet_time_scale_shift="scale_shift",
-                                norm_num_groups=8)
-    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
-                   up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, layers_per_block=1,
-                   norm_num_groups=8, norm_type="spatial", num_vq_embeddings=12, vq_embed_dim=4)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            image_size=32,
+            projection_dim=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            patch_size=8,
+        )
+    )
+    processor = CLIPImageProcessor(
+        crop_size=32, size=32, do_center_crop=True, do_normalize=True, do_resize=True, resample=3
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=8,
+        addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        encoder_hid_dim=32,
+        encoder_hid_dim_type="image_proj",
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        norm_num_groups=8,
+    )
+    movq = VQModel(
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=12,
+        vq_embed_dim=4,
+    )
     local = {"local_files_only": True}
     pipeline = KandinskyV22CombinedPipeline(
-        unet=unet, movq=movq,
+        unet=unet,
+        movq=movq,
         scheduler=DDPMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
-        prior_prior=prior, prior_image_encoder=image_encoder, prior_image_processor=processor,
+        prior_prior=prior,
+        prior_image_encoder=image_encoder,
+        prior_image_processor=processor,
         prior_text_encoder=CLIPTextModelWithProjection.from_pretrained(parts / "text_encoder", **local),
         prior_tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer", model_max_length=77, **local),
-        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
-                                        clip_sample=True, clip_sample_range=10.0))
+        prior_scheduler=UnCLIPScheduler(
+            variance_type="fixed_small_log", prediction_type="sample", clip_sample=True, clip_sample_range=10.0
+        ),
+    )
     pipeline.save_pretrained(directory / "pipeline")
     return directory / "pipeline"

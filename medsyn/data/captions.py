@@ -52,14 +52,17 @@ VOCABULARY_SCHEMA = {
         "anatomy": {
             "type": "object",
             "additionalProperties": {
-                "type": "object", "additionalProperties": False,
+                "type": "object",
+                "additionalProperties": False,
                 "properties": {"synonyms": {"type": "array", "items": {"type": "string"}}},
             },
         },
         "pathology": {
             "type": "object",
             "additionalProperties": {
-                "type": "object", "additionalProperties": False, "required": ["anatomy"],
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["anatomy"],
                 "properties": {
                     "anatomy": {"type": "string"},
                     "synonyms": {"type": "array", "items": {"type": "string"}},
@@ -86,8 +89,10 @@ def load_vocabulary(path: str | Path) -> dict:
         vocabulary = yaml.safe_load(f)
     errors = list(jsonschema.Draft202012Validator(VOCABULARY_SCHEMA).iter_errors(vocabulary))
     if errors:
-        raise ManifestError(f"{path.name}: " + "; ".join(
-            f"field '{'.'.join(map(str, e.absolute_path)) or '(top level)'}': {e.message}" for e in errors))
+        raise ManifestError(
+            f"{path.name}: "
+            + "; ".join(f"field '{'.'.join(map(str, e.absolute_path)) or '(top level)'}': {e.message}" for e in errors)
+        )
     for term, entry in vocabulary["pathology"].items():
         if entry["anatomy"] not in vocabulary["anatomy"]:
             raise ManifestError(f"{path.name}: pathology '{term}' names unknown anatomy '{entry['anatomy']}'")

@@ -92,6 +92,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 # ---------------------------------------------------------------- CT pulmonary angiography (DICOM)
 
+
 def ct_slice_hu(rng, size: int, embolism: bool) -> np.ndarray:
     """Axial chest CT slice in Hounsfield units with contrast-filled pulmonary arteries; with
     `embolism`, a saddle filling defect (~30 HU) across the pulmonary trunk and both branches."""
@@ -118,8 +119,9 @@ def ct_slice_hu(rng, size: int, embolism: bool) -> np.ndarray:
     return hu
 
 
-def _write_ct_dicom(path: Path, hu: np.ndarray, uids: dict, patient: dict, position: float,
-                    with_pixels: bool = True) -> None:
+def _write_ct_dicom(
+    path: Path, hu: np.ndarray, uids: dict, patient: dict, position: float, with_pixels: bool = True
+) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -160,8 +162,12 @@ def write_rsna_pe(root: Path, patients: int, seed: int, size: int, truth: dict) 
     for p in range(patients):
         rng = _rng(seed, "rsna_pe", p)
         embolism = p % 2 == 1
-        patient = {"name": f"Synthetic^Patient{p:03d}^CT", "id": f"MRN{7100000 + int(rng.integers(0, 99999)):07d}",
-                   "birth_date": f"19{40 + p % 50:02d}0{1 + p % 9}1{p % 9}", "accession": f"ACC{880000 + p:06d}"}
+        patient = {
+            "name": f"Synthetic^Patient{p:03d}^CT",
+            "id": f"MRN{7100000 + int(rng.integers(0, 99999)):07d}",
+            "birth_date": f"19{40 + p % 50:02d}0{1 + p % 9}1{p % 9}",
+            "accession": f"ACC{880000 + p:06d}",
+        }
         truth["phi"].extend(patient.values())
         study = generate_uid(entropy_srcs=[str(seed), "rsna", str(p), "study"])
         series = generate_uid(entropy_srcs=[str(seed), "rsna", str(p), "series"])
@@ -173,19 +179,37 @@ def write_rsna_pe(root: Path, patients: int, seed: int, size: int, truth: dict) 
                 defect = "no_pixel_data"
             elif p == 1 and k == 2:
                 defect = "unreadable"
-            _write_ct_dicom(path, ct_slice_hu(rng, size, embolism), {"study": study, "series": series, "sop": sop},
-                            patient, position=-100.0 - 2.5 * k, with_pixels=defect != "no_pixel_data")
+            _write_ct_dicom(
+                path,
+                ct_slice_hu(rng, size, embolism),
+                {"study": study, "series": series, "sop": sop},
+                patient,
+                position=-100.0 - 2.5 * k,
+                with_pixels=defect != "no_pixel_data",
+            )
             if defect == "unreadable":  # cut the file inside its pixel data
                 data = path.read_bytes()
                 path.write_bytes(data[: len(data) * 3 // 5])
             if defect:
                 truth["defects"].append({"source_file": path, "reason": defect})
             rows.append([study, series, sop, int(embolism), int(not embolism), 0, 0])
-    _write_csv(root / "train.csv", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "pe_present_on_image",
-                                    "negative_exam_for_pe", "qa_motion", "qa_contrast"], rows)
+    _write_csv(
+        root / "train.csv",
+        [
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "pe_present_on_image",
+            "negative_exam_for_pe",
+            "qa_motion",
+            "qa_contrast",
+        ],
+        rows,
+    )
 
 
 # ---------------------------------------------------------------- chest X-ray (JPEG)
+
 
 def chest_xray(rng, height: int, width: int, cardiomegaly: bool, effusion: bool, lateral: bool = False) -> np.ndarray:
     """Frontal chest radiograph as displayed (bone bright, lungs dark): an enlarged cardiac silhouette
@@ -213,15 +237,30 @@ def chest_xray(rng, height: int, width: int, cardiomegaly: bool, effusion: bool,
                 level = rng.uniform(0.05, 0.2) - 0.35 * np.clip(s * xx - 0.2, 0, None)
                 img[lung & (yy > level)] = 140
         heart_rx = j(0.45 if cardiomegaly else 0.24)
-        img[_ellipse(yy, xx, 0.38, 0.08, j(0.26), heart_rx)] = 210  # drawn over any effusion and brighter: the silhouette stays visible
+        img[_ellipse(yy, xx, 0.38, 0.08, j(0.26), heart_rx)] = (
+            210  # drawn over any effusion and brighter: the silhouette stays visible
+        )
     img = ndimage.gaussian_filter(img, 1.5) * _shading(rng, height, width)
     img += 6 * _noise(rng, img.shape, 1) + 3 * rng.standard_normal(img.shape)
     return _to_uint8(img)
 
 
-CHEXPERT_COLUMNS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                    "Pleural Other", "Fracture", "Support Devices"]
+CHEXPERT_COLUMNS = [
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
 
 
 def write_chexpert(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
@@ -253,6 +292,7 @@ def write_chexpert(root: Path, patients: int, seed: int, size: int, truth: dict)
 
 # ---------------------------------------------------------------- brain MRI (NIfTI)
 
+
 def brain_flair_volume(rng, size: int, depth: int, tumour_slice: int) -> tuple[np.ndarray, np.ndarray]:
     """FLAIR-like head volume (x, y, z) and its tumour mask: CSF dark, a hyperintense glioma with
     oedema centred on axial slice `tumour_slice`."""
@@ -280,11 +320,12 @@ def brain_flair_volume(rng, size: int, depth: int, tumour_slice: int) -> tuple[n
         if z[k] > 0.25:  # high convexity: sulci instead of ventricles
             sl[brain & (np.sin(12 * np.hypot(xx, yy) + 3 * texture) > 0.6)] = 150
         if ventricle_size > 0.1:
-            ventricles = (_ellipse(xx, yy, -0.1, 0.14, 0.32 * ventricle_size, 0.1 * ventricle_size, 0.3)
-                          | _ellipse(xx, yy, -0.1, -0.14, 0.32 * ventricle_size, 0.1 * ventricle_size, -0.3))
+            ventricles = _ellipse(xx, yy, -0.1, 0.14, 0.32 * ventricle_size, 0.1 * ventricle_size, 0.3) | _ellipse(
+                xx, yy, -0.1, -0.14, 0.32 * ventricle_size, 0.1 * ventricle_size, -0.3
+            )
             sl[ventricles & brain] = 60
         dz = (k - tumour_slice) / depth * 2
-        r = t_radius ** 2 - (dz * 1.4) ** 2
+        r = t_radius**2 - (dz * 1.4) ** 2
         if r > 0:
             core = _ellipse(xx, yy, ty, tx, np.sqrt(r), np.sqrt(r))
             edema = _ellipse(xx, yy, ty, tx, np.sqrt(r) * 1.5, np.sqrt(r) * 1.5) & brain
@@ -316,23 +357,24 @@ def write_brats(root: Path, patients: int, seed: int, size: int, truth: dict) ->
 
 # ---------------------------------------------------------------- retinal OCT (JPEG)
 
+
 def oct_bscan(rng, height: int, width: int, kind: str) -> np.ndarray:
     """OCT B-scan: layered retina over a bright RPE line. Drusen lift the RPE in small domes, CNV in
     one large dome over a bright lesion, DME thickens the retina and hollows it with dark cysts."""
     x = np.linspace(-1, 1, width)
     y = np.arange(height)[:, None] / height
     tilt = rng.uniform(-0.12, 0.12)
-    rpe = rng.uniform(0.6, 0.75) + tilt * x + rng.uniform(-0.06, 0.1) * x ** 2
-    thickness = np.full_like(x, 0.22) - 0.08 * np.exp(-(x / 0.18) ** 2)  # foveal pit
+    rpe = rng.uniform(0.6, 0.75) + tilt * x + rng.uniform(-0.06, 0.1) * x**2
+    thickness = np.full_like(x, 0.22) - 0.08 * np.exp(-((x / 0.18) ** 2))  # foveal pit
     if kind == "DME":
-        thickness = thickness + 0.14 * np.exp(-(x / 0.5) ** 2) + 0.08 * np.exp(-(x / 0.18) ** 2)
+        thickness = thickness + 0.14 * np.exp(-((x / 0.5) ** 2)) + 0.08 * np.exp(-((x / 0.18) ** 2))
     lift = np.zeros_like(x)
     if kind == "DRUSEN":
         for cx in rng.uniform(-0.7, 0.7, size=int(rng.integers(4, 7))):
-            lift += 0.05 * np.exp(-((x - cx) / 0.06) ** 2)
+            lift += 0.05 * np.exp(-(((x - cx) / 0.06) ** 2))
     if kind == "CNV":
         cx = rng.uniform(-0.25, 0.25)
-        lift += 0.16 * np.exp(-((x - cx) / 0.22) ** 2)
+        lift += 0.16 * np.exp(-(((x - cx) / 0.22) ** 2))
     rpe_line = rpe - lift
     top = rpe_line - thickness
     inside = (y > top) & (y < rpe_line)
@@ -367,10 +409,13 @@ def write_kermany_oct(root: Path, patients: int, seed: int, size: int, truth: di
         patient = 1000000 + p * 7919 % 900000
         split = "test" if p % 10 == 9 else "train"  # the release's own split, which curation ignores
         for n in range(1 + int(rng.integers(1, 3))):
-            _save_jpeg(oct_bscan(rng, height, width, kind), root / "OCT2017" / split / kind / f"{kind}-{patient}-{n + 1}.jpeg")
+            _save_jpeg(
+                oct_bscan(rng, height, width, kind), root / "OCT2017" / split / kind / f"{kind}-{patient}-{n + 1}.jpeg"
+            )
 
 
 # ---------------------------------------------------------------- dermoscopy (JPEG)
+
 
 def dermoscopy(rng, height: int, width: int, dx: str) -> np.ndarray:
     """Dermoscopic image of one lesion on skin: nevus uniform brown and round; melanoma large,
@@ -435,10 +480,13 @@ def write_ham10000(root: Path, patients: int, seed: int, size: int, truth: dict)
     orphan = root / "HAM10000_images_part_1" / f"ISIC_{image_number + 1:07d}.jpg"
     _save_jpeg(dermoscopy(_rng(seed, "ham10000", "orphan"), height, width, "bkl"), orphan)
     truth["defects"].append({"source_file": orphan, "reason": "no_label"})
-    _write_csv(root / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"], rows)
+    _write_csv(
+        root / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"], rows
+    )
 
 
 # ---------------------------------------------------------------- colonoscopy (JPEG)
+
 
 def colonoscopy(rng, height: int, width: int, kind: str) -> np.ndarray:
     """Endoscopic frame inside the circular field of view, with Kvasir's green position box."""
@@ -454,7 +502,7 @@ def colonoscopy(rng, height: int, width: int, kind: str) -> np.ndarray:
     else:
         base = np.array([206, 112, 100])
     img = np.ones((height, width, 3)) * base * rng.uniform(0.92, 1.05)
-    img *= (1 - 0.55 * np.exp(-(r / 0.35) ** 2))[..., None]  # dark lumen in the centre
+    img *= (1 - 0.55 * np.exp(-((r / 0.35) ** 2)))[..., None]  # dark lumen in the centre
     if kind == "normal-cecum":
         img *= (1 - 0.18 * (np.sin(r * 18 + phase) > 0.4))[..., None]  # circular folds
         img[_ellipse(yy, xx, 0.25, 0.3, 0.06, 0.18, 0.4)] = [120, 55, 40]  # appendiceal orifice
@@ -475,7 +523,7 @@ def colonoscopy(rng, height: int, width: int, kind: str) -> np.ndarray:
     img = ndimage.gaussian_filter(img, (1, 1, 0)) * _shading(rng, height, width, 0.35)[..., None]
     img += 5 * _noise(rng, (height, width), 2)[..., None]
     img[np.hypot(yy0, xx0 * width / height) > 1.0] = 0  # outside the endoscope's (fixed) field of view
-    img[int(0.72 * height):int(0.95 * height), int(0.02 * width):int(0.22 * width)] = [30, 120, 50]
+    img[int(0.72 * height) : int(0.95 * height), int(0.02 * width) : int(0.22 * width)] = [30, 120, 50]
     return _to_uint8(img)
 
 
@@ -508,6 +556,7 @@ def write_kvasir_v2(root: Path, patients: int, seed: int, size: int, truth: dict
 
 
 # ---------------------------------------------------------------- histopathology (large TIFF)
+
 
 def lymph_node_histology(rng, size: int, tumour: bool, glass_fraction: float) -> np.ndarray:
     """H&E lymph-node field: dense small dark lymphocytes; metastasis as sheets of large pale nuclei
@@ -557,8 +606,14 @@ WRITERS = {
 }
 
 
-def write_corpus(out_dir: str | Path, patients: int = 40, seed: int = 0, size: int = 128,
-                 sources: tuple[str, ...] = SOURCES, progress: bool = True) -> dict:
+def write_corpus(
+    out_dir: str | Path,
+    patients: int = 40,
+    seed: int = 0,
+    size: int = 128,
+    sources: tuple[str, ...] = SOURCES,
+    progress: bool = True,
+) -> dict:
     """Write the embedded raw corpus, one folder per source named as its manifest's `root`.
 
     Args:

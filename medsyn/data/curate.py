@@ -1,4 +1,4 @@
-"""The curation stage: raw files + manifests -> one image-text dataset (DESIGN.md, data contract).
+"""The curation stage: raw files + manifests -> one image-text dataset (`medsyn.data.dataset`).
 
 Follows MediSyn's curation (Cho et al., Methods 4.1): heterogeneous sources are read as a viewer
 shows them, resized and centre-cropped, de-duplicated within and across sources, captioned from
@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from collections import Counter, defaultdict
@@ -23,12 +24,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medsyn.data.captions import caption_from_labels, load_vocabulary, vocabulary_terms
+from medsyn.data.dataset import MARKER, SPLITS, image_file_name, read_records, write_records
 from medsyn.data.dedup import DuplicateIndex
 from medsyn.data.manifest import ManifestError, load_manifest, validate_manifest
-from medsyn.data.preprocess import (percentile_rescale, resize_center_crop, tile_image,
-                                    tissue_fraction)
-from medsyn.data.readers import (UnreadableImageError, axial_slice_for_display, dicom_to_display,
-                                 load_dicom, read_nifti, read_raster, slice_indices, sniff_format)
+from medsyn.data.preprocess import percentile_rescale, resize_center_crop, tile_image, tissue_fraction
+from medsyn.data.readers import (
+    UnreadableImageError,
+    axial_slice_for_display,
+    dicom_to_display,
+    load_dicom,
+    read_nifti,
+    read_raster,
+    slice_indices,
+    sniff_format,
+)
 from medsyn.data.split import patient_split
 from medsyn.paths import VOCABULARIES_DIR
 
@@ -72,6 +81,7 @@ class CurationResult:
 
 # ---------------------------------------------------------------- claiming files
 
+
 def _list_files(root: Path) -> list[str]:
     """Every regular file under root (hidden ones too), as sorted POSIX paths relative to root."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -92,6 +102,7 @@ def _table_paths(manifest: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- labels and patients
+
 
 def _norm(value) -> str:
     """Compare table cells and manifest values as numbers where they are numbers ('1', 1, '1.0')."""
@@ -233,7 +244,9 @@ class _SourceReader:
     def _source_file(self, rel: str) -> str:
         return (self.root / rel).relative_to(self.raw_dir).as_posix()
 
-    def decode(self, rel: str, labels: list[str] | None) -> tuple[list[tuple[str, np.ndarray, list[str]]], list[Rejection], str | None]:
+    def decode(
+        self, rel: str, labels: list[str] | None
+    ) -> tuple[list[tuple[str, np.ndarray, list[str]]], list[Rejection], str | None]:
         """Decode a file into (source_item, uint8 image, labels) pieces, per-piece rejections and the
         DICOM patient key (when patient ids come from DICOM)."""
         path = self.root / rel
@@ -259,7 +272,9 @@ class _SourceReader:
             volume = read_nifti(path)
             mask = self._mask_volume(rel, volume.shape) if self.m["labels"]["from"] == "mask" else None
             for i in slice_indices(volume.shape[2], positions):
-                display = percentile_rescale(axial_slice_for_display(volume, i), *prep["percentile_clip"], reference=volume)
+                display = percentile_rescale(
+                    axial_slice_for_display(volume, i), *prep["percentile_clip"], reference=volume
+                )
                 slice_labels = labels
                 if mask is not None:
                     spec = self.m["labels"]["mask"]
@@ -273,13 +288,22 @@ class _SourceReader:
             else:
                 cut = tile_image(image, tiles["size"], tiles.get("max_overlap", 0.1))
                 if not cut:
-                    raise UnreadableImageError("too_small", f"image {image.shape[:2]} is smaller than one {tiles['size']}px tile")
+                    raise UnreadableImageError(
+                        "too_small", f"image {image.shape[:2]} is smaller than one {tiles['size']}px tile"
+                    )
                 for y, x, tile in cut:
                     item = f"tile y={y} x={x}"
                     fraction = tissue_fraction(tile)
                     if fraction < tiles.get("min_tissue", 0.0):
-                        rejected.append(Rejection(self._source_file(rel), self.name, "background_tile",
-                                                  f"tissue fraction {fraction:.2f} < {tiles['min_tissue']}", item))
+                        rejected.append(
+                            Rejection(
+                                self._source_file(rel),
+                                self.name,
+                                "background_tile",
+                                f"tissue fraction {fraction:.2f} < {tiles['min_tissue']}",
+                                item,
+                            )
+                        )
                     else:
                         pieces.append((item, tile, labels))
         return pieces, rejected, patient_key
@@ -306,8 +330,16 @@ class _SourceReader:
 
 # ---------------------------------------------------------------- the stage
 
-def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int = 512, seed: int = 0,
-           near_duplicate_correlation: float | None = 0.995, progress: bool = True) -> CurationResult:
+
+def curate(
+    manifests: list,
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    size: int = 512,
+    seed: int = 0,
+    near_duplicate_correlation: float | None = 0.995,
+    progress: bool = True,
+) -> CurationResult:
     """Curate raw sources into an imagefolder dataset with `metadata.jsonl` and `rejected.csv`.
 
     Args:
@@ -327,13 +359,15 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
         raise FileNotFoundError(f"raw directory not found: {raw_dir}")
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
-    loaded = [validate_manifest(m, m.get("name", "<manifest>")) if isinstance(m, dict) else load_manifest(m)
-              for m in manifests]
+    loaded = [
+        validate_manifest(m, m.get("name", "<manifest>")) if isinstance(m, dict) else load_manifest(m)
+        for m in manifests
+    ]
     names = [m["name"] for m in loaded]
     if len(set(names)) != len(names):
         raise ManifestError(f"two manifests share a name: {names}")
 
-    _clear_previous_output(out_dir)
+    _check_output(out_dir, raw_dir)
     all_files = _list_files(raw_dir)
     readers = [_SourceReader(m, raw_dir) for m in loaded]
     owner: dict[str, tuple[_SourceReader, str]] = {}  # source_file -> (reader, kind)
@@ -354,12 +388,21 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
             continue
         reader, kind = owner[source_file]
         if kind == "support":
-            rejections.append(Rejection(source_file, reader.name, "support_file",
-                                        "belongs to the source but is not an image (label table, mask, documentation)"))
+            rejections.append(
+                Rejection(
+                    source_file,
+                    reader.name,
+                    "support_file",
+                    "belongs to the source but is not an image (label table, mask, documentation)",
+                )
+            )
         else:
             image_files.append((reader, source_file))
 
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    # the new dataset is built beside the old one and swapped in only when complete (`_swap_in`)
+    building = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(building, ignore_errors=True)
+    (building / STAGING).mkdir(parents=True)
     duplicates = DuplicateIndex(min_correlation=near_duplicate_correlation)
     candidates: list[_Candidate] = []
     for reader, source_file in tqdm(image_files, desc="curate", unit="file", disable=not progress):
@@ -383,8 +426,15 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
             if reader.terms is not None:
                 unknown = [label for label in item_labels if label not in reader.terms]
                 if unknown:
-                    rejections.append(Rejection(source_file, reader.name, "unknown_label",
-                                                f"labels {unknown} are not in vocabulary '{reader.vocabulary['name']}'", item))
+                    rejections.append(
+                        Rejection(
+                            source_file,
+                            reader.name,
+                            "unknown_label",
+                            f"labels {unknown} are not in vocabulary '{reader.vocabulary['name']}'",
+                            item,
+                        )
+                    )
                     continue
             image = reader.to_channels(resize_center_crop(image, size))
             duplicate = duplicates.check(f"{source_file}|{item}", image)
@@ -394,52 +444,80 @@ def curate(manifests: list, raw_dir: str | Path, out_dir: str | Path, size: int 
                 detail = f"duplicate of {first_file}" + (f" ({first_item})" if first_item else "")
                 rejections.append(Rejection(source_file, reader.name, reason, detail, item))
                 continue
-            file_name, sha = _write_png(image, out_dir)
+            file_name, sha = _write_png(image, building)
             candidates.append(_Candidate(reader.name, source_file, item, file_name, sha, item_labels, patient))
 
-    records = _write_dataset(candidates, loaded, out_dir, seed)
-    _write_rejections(rejections, out_dir)
+    records = _assign_splits(candidates, loaded, building, seed)
+    _write_rejections(rejections, building)
     result = CurationResult(out_dir=out_dir, records=records, rejections=rejections, files_in=len(all_files))
     result.summary = _summary(result, all_files, size, seed, names)
-    with open(out_dir / "curation_summary.json", "w") as f:
-        json.dump(result.summary, f, indent=2)
+    (building / SUMMARY).write_text(json.dumps(result.summary, indent=2))
+    write_records(building, records, kind="curated")
+    _swap_in(building, out_dir)
     return result
 
 
-OUTPUTS = ("images", "metadata.jsonl", "rejected.csv", "curation_summary.json")
+SUMMARY = "curation_summary.json"
+STAGING = ".staging"  # accepted images wait here, named by their hash, until their split is known
+OUTPUTS = (*SPLITS, MARKER, SUMMARY, "rejected.csv")
 
 
-def _clear_previous_output(out_dir: Path) -> None:
-    """Remove an earlier curation's outputs so no stale image survives; refuse a folder holding anything else."""
+def _check_output(out_dir: Path, raw_dir: Path) -> None:
+    """Refuse an output that could hold data curation did not write: one that is, or lies inside, the
+    raw directory, one that contains it, and an existing folder that is neither empty nor an earlier
+    curation (identified by its summary and marker, and holding nothing else)."""
+    resolved = out_dir.resolve()
+    if resolved == raw_dir or raw_dir in resolved.parents:
+        raise FileExistsError(f"output directory {out_dir} lies inside the raw directory {raw_dir}: choose another")
+    if resolved in raw_dir.parents:
+        raise FileExistsError(f"the raw directory {raw_dir} lies inside the output directory {out_dir}: choose another")
     if not out_dir.exists():
         return
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS)
-    if foreign:
-        raise FileExistsError(f"output directory {out_dir} holds files that are not a curated dataset: {foreign[:5]}")
-    for name in OUTPUTS:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    if not out_dir.is_dir():
+        raise FileExistsError(f"output {out_dir} exists and is not a directory")
+    present = sorted(p.name for p in out_dir.iterdir())
+    if not present:
+        return
+    earlier = (out_dir / SUMMARY).is_file() and (out_dir / MARKER).is_file()
+    foreign = [name for name in present if name not in OUTPUTS]
+    if not earlier or foreign:
+        raise FileExistsError(
+            f"output directory {out_dir} is not empty and is not an earlier curation "
+            f"({'it holds ' + str((foreign or present)[:5])}); curation writes only into an empty "
+            "folder or replaces its own earlier output"
+        )
 
 
-def _write_png(image: np.ndarray, out_dir: Path) -> tuple[str, str]:
-    """Write one accepted image at once (so memory holds no pixels) and return (file_name, sha256)."""
+def _swap_in(building: Path, out_dir: Path) -> None:
+    """Replace `out_dir` (an earlier curation or nothing) by the complete new dataset. Between the two
+    renames the output does not exist, so a reader sees the old dataset, the new one, or none: never
+    a mixture."""
+    shutil.rmtree(building / STAGING, ignore_errors=True)
+    old = out_dir.parent / f".{out_dir.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(building, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_png(image: np.ndarray, building: Path) -> tuple[str, str]:
+    """Write one accepted image at once (so memory holds no pixels) into the staging folder and return
+    (file_name, sha256); `_assign_splits` moves it into its split's folder."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     data = buffer.getvalue()
     sha = hashlib.sha256(data).hexdigest()
-    # hex-only names: the `datasets` imagefolder loader would read 'train'/'test' in a path as a split
-    file_name = f"images/{sha[:2]}/{sha[:24]}.png"
-    path = out_dir / file_name
+    file_name = image_file_name(sha)
+    path = building / STAGING / file_name
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
     return file_name, sha
 
 
-def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir: Path, seed: int) -> list[dict]:
-    """Pseudonymise patients, split per source (stratified by class) and write `metadata.jsonl`."""
+def _assign_splits(candidates: list[_Candidate], manifests: list[dict], building: Path, seed: int) -> list[dict]:
+    """Pseudonymise patients, split per source (stratified by class) and move each image into its
+    split's folder; return the records in file order."""
     by_name = {m["name"]: m for m in manifests}
 
     pseudonyms: dict[tuple[str, str], str] = {}
@@ -456,30 +534,33 @@ def _write_dataset(candidates: list[_Candidate], manifests: list[dict], out_dir:
     split_of = {}
     for source, sizes in group_sizes.items():
         strata = {p: max(sorted(classes[p]), key=classes[p].get) for p in sizes}
-        assignment = patient_split(dict(sizes), by_name[source]["split"]["fractions"], seed=seed, salt=source,
-                                   strata=strata)
+        assignment = patient_split(
+            dict(sizes), by_name[source]["split"]["fractions"], seed=seed, salt=source, strata=strata
+        )
         split_of.update({(source, p): s for p, s in assignment.items()})
 
     records = []
     for c in candidates:
         m = by_name[c.source]
         patient_id = pseudonyms[(c.source, c.patient_key)]
-        records.append({
-            "file_name": c.file_name,
-            "text": caption_from_labels(c.labels, m["caption"], m["image_type"]),
-            "split": split_of[(c.source, patient_id)],
-            "specialty": m["specialty"],
-            "image_type": m["image_type"],
-            "labels": c.labels,
-            "patient_id": patient_id,
-            "source": c.source,
-            "source_file": c.source_file,
-            "source_item": c.source_item,
-            "sha256": c.sha256,
-        })
-    with open(out_dir / "metadata.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        records.append(
+            {
+                "file_name": c.file_name,
+                "text": caption_from_labels(c.labels, m["caption"], m["image_type"]),
+                "split": split_of[(c.source, patient_id)],
+                "specialty": m["specialty"],
+                "image_type": m["image_type"],
+                "labels": c.labels,
+                "patient_id": patient_id,
+                "source": c.source,
+                "source_file": c.source_file,
+                "source_item": c.source_item,
+                "sha256": c.sha256,
+            }
+        )
+        target = building / records[-1]["split"] / c.file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(building / STAGING / c.file_name, target)
     return records
 
 
@@ -513,15 +594,6 @@ def _summary(result: CurationResult, all_files: list[str], size: int, seed: int,
     }
 
 
-def read_metadata(dataset_dir: str | Path) -> list[dict]:
-    """Records of a curated or generated dataset (`metadata.jsonl`)."""
-    path = Path(dataset_dir) / "metadata.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metadata.jsonl in {dataset_dir}")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def check_accounting(raw_dir: str | Path, dataset_dir: str | Path) -> dict:
     """Compare the files under `raw_dir` with the `source_file`s of `metadata.jsonl` and `rejected.csv`.
 
@@ -529,7 +601,7 @@ def check_accounting(raw_dir: str | Path, dataset_dir: str | Path) -> dict:
     raw_dir); both are empty for a complete account.
     """
     files = set(_list_files(Path(raw_dir)))
-    in_metadata = {r["source_file"] for r in read_metadata(dataset_dir)}
+    in_metadata = {r["source_file"] for r in read_records(dataset_dir)}
     rejected = pd.read_csv(Path(dataset_dir) / "rejected.csv", dtype=str, keep_default_na=False)
     in_rejected = set(rejected["source_file"])
     return {

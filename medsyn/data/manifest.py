@@ -54,7 +54,9 @@ def validate_manifest(manifest: dict, origin: str = "<manifest>") -> dict:
     """
     if not isinstance(manifest, dict):
         raise ManifestError(f"{origin}: a manifest must be a mapping, got {type(manifest).__name__}")
-    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        jsonschema.Draft202012Validator(_schema()).iter_errors(manifest), key=lambda e: list(e.absolute_path)
+    )
     if errors:
         raise ManifestError(f"{origin}: " + "; ".join(_describe(e) for e in errors))
     _check_consistency(manifest, origin)
@@ -90,8 +92,10 @@ def _with_defaults(m: dict) -> dict:
     out = dict(m)
     out.setdefault("root", DEFAULTS["root"])
     out["preprocessing"] = {**DEFAULTS["preprocessing"], **m.get("preprocessing", {})}
-    out["preprocessing"]["ct_window"] = {**DEFAULTS["preprocessing"]["ct_window"],
-                                         **m.get("preprocessing", {}).get("ct_window", {})}
+    out["preprocessing"]["ct_window"] = {
+        **DEFAULTS["preprocessing"]["ct_window"],
+        **m.get("preprocessing", {}).get("ct_window", {}),
+    }
     out["split"] = {**DEFAULTS["split"], **m["split"]}
     return out
 

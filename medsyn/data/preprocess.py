@@ -45,8 +45,9 @@ def voi_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.rint(scaled * 255).astype(np.uint8)
 
 
-def percentile_rescale(values: np.ndarray, low: float = 0.5, high: float = 99.5,
-                       reference: np.ndarray | None = None) -> np.ndarray:
+def percentile_rescale(
+    values: np.ndarray, low: float = 0.5, high: float = 99.5, reference: np.ndarray | None = None
+) -> np.ndarray:
     """Clip to the low/high percentiles and rescale linearly to 0..255 uint8.
 
     Used for MRI (NIfTI) and for DICOM without a VOI window. With `reference`, the percentiles are
@@ -88,7 +89,7 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     if (new_h, new_w) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC))
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return image[top:top + size, left:left + size]
+    return image[top : top + size, left : left + size]
 
 
 def tile_origins(length: int, tile: int, max_overlap: float = 0.1) -> list[int]:
@@ -125,7 +126,7 @@ def tile_image(image: np.ndarray, tile: int, max_overlap: float = 0.1) -> list[t
     """
     ys = tile_origins(image.shape[0], tile, max_overlap)
     xs = tile_origins(image.shape[1], tile, max_overlap)
-    return [(y, x, image[y:y + tile, x:x + tile]) for y in ys for x in xs]
+    return [(y, x, image[y : y + tile, x : x + tile]) for y in ys for x in xs]
 
 
 def tissue_fraction(tile: np.ndarray, background_level: int = 220) -> float:

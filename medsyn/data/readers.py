@@ -52,6 +52,7 @@ def sniff_format(path: str | Path) -> str:
 
 # ---------------------------------------------------------------- DICOM
 
+
 @dataclass
 class DicomImage:
     """Decoded DICOM pixel data in physical units plus the display attributes a viewer uses.
@@ -141,8 +142,9 @@ def load_dicom(path: str | Path) -> DicomImage:
     if "WindowCenter" in ds and "WindowWidth" in ds:
         voi = (_first_value(ds.WindowCenter), _first_value(ds.WindowWidth))
     patient_key = str(ds.get("PatientID", "")) or None
-    return DicomImage(pixels=pixels, modality=str(ds.get("Modality", "")), photometric=photometric,
-                      voi=voi, patient_key=patient_key)
+    return DicomImage(
+        pixels=pixels, modality=str(ds.get("Modality", "")), photometric=photometric, voi=voi, patient_key=patient_key
+    )
 
 
 def _to_uint8_colour(array: np.ndarray) -> np.ndarray:
@@ -164,8 +166,12 @@ def read_dicom(path: str | Path) -> np.ndarray:
     return pixels[0] if pixels.shape[0] == 1 else pixels
 
 
-def dicom_to_display(image: DicomImage, frame: int = 0, ct_window: tuple[float, float] = (700, 100),
-                     percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+def dicom_to_display(
+    image: DicomImage,
+    frame: int = 0,
+    ct_window: tuple[float, float] = (700, 100),
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> np.ndarray:
     """One frame as a viewer shows it, in uint8.
 
     CT: the Hounsfield window `ct_window` = (width, level). Other grey modalities: the file's VOI
@@ -193,6 +199,7 @@ def dicom_to_display(image: DicomImage, frame: int = 0, ct_window: tuple[float, 
 
 
 # ---------------------------------------------------------------- NIfTI
+
 
 def read_nifti(path: str | Path) -> np.ndarray:
     """Voxel data of a NIfTI volume, reoriented to RAS+ (nibabel's closest canonical), float64.
@@ -235,6 +242,7 @@ def axial_slice_for_display(volume: np.ndarray, index: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- raster images
 
+
 def read_raster(path: str | Path) -> np.ndarray:
     """Decode a PNG/JPEG/TIFF/BMP file to uint8 H x W (grey) or H x W x 3 (colour).
 
@@ -252,7 +260,7 @@ def read_raster(path: str | Path) -> np.ndarray:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(img, dtype=np.float64)
                 bits = 16 if img.mode.startswith("I;16") else 32
-                return np.rint(np.clip(array / (2 ** bits - 1), 0, 1) * 255).astype(np.uint8)
+                return np.rint(np.clip(array / (2**bits - 1), 0, 1) * 255).astype(np.uint8)
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB")
             return np.asarray(img)

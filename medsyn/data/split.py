@@ -4,11 +4,16 @@ import hashlib
 
 import numpy as np
 
-SPLITS = ("train", "validation", "test")
+from medsyn.data.dataset import SPLITS
 
 
-def patient_split(group_sizes: dict[str, int], fractions=(0.8, 0.1, 0.1), seed: int = 0,
-                  salt: str = "", strata: dict[str, str] | None = None) -> dict[str, str]:
+def patient_split(
+    group_sizes: dict[str, int],
+    fractions=(0.8, 0.1, 0.1),
+    seed: int = 0,
+    salt: str = "",
+    strata: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Assign whole groups (patients) to train/validation/test so image counts follow `fractions`.
 
     Groups are put in a random order drawn from `seed` (and `salt`, e.g. the source name, so that two

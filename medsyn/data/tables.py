@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medsyn.data.split import SPLITS
+from medsyn.data.dataset import SPLITS, class_key, image_path
 
 
 def count_table(records: list[dict], by: str) -> pd.DataFrame:
@@ -37,11 +37,6 @@ def plot_count_table(table: pd.DataFrame, title: str):
     return fig
 
 
-def class_key(record: dict) -> str:
-    """A record's class for display and balance checks: source plus its sorted labels."""
-    return f"{record['source']}: " + " + ".join(sorted(record["labels"]))
-
-
 def plot_examples(dataset_dir: str | Path, records: list[dict], per_class: int = 6, max_classes: int = 40):
     """Grid of example images, one row per class (source + labels), captioned with the class.
 
@@ -55,26 +50,41 @@ def plot_examples(dataset_dir: str | Path, records: list[dict], per_class: int =
     for record in records:
         by_class.setdefault(class_key(record), []).append(record)
     classes = sorted(by_class)[:max_classes]
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.1 + 3.2, len(classes) * 1.1), squeeze=False)
+    fig, axes = plt.subplots(
+        len(classes), per_class, figsize=(per_class * 1.1 + 3.2, len(classes) * 1.1), squeeze=False
+    )
     for row, name in enumerate(classes):
         for col in range(per_class):
             ax = axes[row, col]
             ax.axis("off")
             if col < len(by_class[name]):
-                image = np.asarray(Image.open(Path(dataset_dir) / by_class[name][col]["file_name"]))
+                image = np.asarray(Image.open(image_path(dataset_dir, by_class[name][col])))
                 ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
-        axes[row, 0].text(-0.1, 0.5, f"{name} ({len(by_class[name])})", transform=axes[row, 0].transAxes,
-                          ha="right", va="center", fontsize=7)
+        axes[row, 0].text(
+            -0.1,
+            0.5,
+            f"{name} ({len(by_class[name])})",
+            transform=axes[row, 0].transAxes,
+            ha="right",
+            va="center",
+            fontsize=7,
+        )
     fig.subplots_adjust(left=0.3, wspace=0.05, hspace=0.05)
     return fig
 
 
-def class_prompts(records: list[dict]) -> dict[str, str]:
-    """Each class (`class_key`) and its caption, in class order; a class whose images carry two
-    different captions is an error, since the prompt would not name one class."""
-    prompts: dict[str, str] = {}
-    for record in records:
-        key = class_key(record)
-        if prompts.setdefault(key, record["text"]) != record["text"]:
-            raise ValueError(f"class {key!r} has two captions: {prompts[key]!r} and {record['text']!r}")
-    return dict(sorted(prompts.items()))
+def save_dataset_tables(
+    records: list[dict], figures_dir: str | Path, parameters: dict, inputs: list
+) -> dict[str, pd.DataFrame]:
+    """MediSyn's two dataset tables, images per specialty x split and per image type x split, each as
+    `dataset_<by>_by_split.csv` and a bar chart `.png` with provenance. Returns the tables by field."""
+    from medsyn.records import save_figure, save_table
+
+    tables = {}
+    for by, title in (("specialty", "Images per specialty"), ("image_type", "Images per image type")):
+        tables[by] = count_table(records, by)
+        save_table(tables[by], Path(figures_dir) / f"dataset_{by}_by_split.csv", parameters, inputs)
+        save_figure(
+            plot_count_table(tables[by], title), Path(figures_dir) / f"dataset_{by}_by_split.png", parameters, inputs
+        )
+    return tables

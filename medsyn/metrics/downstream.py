@@ -1,23 +1,15 @@
-"""Downstream utility (MediSyn 2.3 / Methods 4.3.5): does adding synthetic images to a small real
-training set help a classifier? A ResNet-50 (torchvision) is trained on (i) `n_real` real images,
-(ii) half of them, (iii) that half plus as many synthetic images with the same classes, and each is
-tested on the same real held-out images by macro-AUROC; the differences get paired bootstrap
-confidence intervals (resampling the test images, 2,000 times in the paper).
+"""The measures of MediSyn's downstream experiment (2.3 / Methods 4.3.5; run by
+`medsyn.experiments.downstream`): the three training sets, task targets, macro-AUROC, the paired
+bootstrap of AUROC differences (resampling the test images, 2,000 times in the paper) and the ROC
+figure.
 
 A task is one source of the curated dataset: multi-label when its images carry several labels
-(CheXpert's observations), multi-class otherwise. ImageNet weights are used only from a local file.
+(CheXpert's observations), multi-class otherwise.
 """
 
-from pathlib import Path
-
 import numpy as np
-import torch
-from torch import nn
 
-from medsyn.data.tables import class_key, class_prompts
-from medsyn.training.common import adamw
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from medsyn.data.dataset import class_key
 
 
 def task_targets(records: list[dict], labels: list[str], multilabel: bool) -> np.ndarray:
@@ -39,7 +31,7 @@ def task_labels(records: list[dict]) -> tuple[list[str], bool]:
 def training_sets(real: list[dict], synthetic: list[dict] | None, n_real: int, seed: int = 0) -> dict[str, list[dict]]:
     """The three training sets: 'real' (n_real real records), 'real_half' (half of those) and
     'real_half+synthetic' (that half plus, class by class, as many synthetic records of the same
-    class; a synthetic record's class is the real class whose caption is its prompt). The real sets
+    class, `class_key`). The real sets
     depend only on (real, n_real, seed); with `synthetic` None only they are returned.
 
     Raises:
@@ -52,15 +44,16 @@ def training_sets(real: list[dict], synthetic: list[dict] | None, n_real: int, s
     half = [full[i] for i in sorted(rng.choice(n_real, n_real // 2, replace=False))]
     if synthetic is None:
         return {"real": full, "real_half": half}
-    class_of_prompt = {prompt: key for key, prompt in class_prompts(real).items()}
     by_class: dict[str, list[dict]] = {}
     for record in synthetic:
-        by_class.setdefault(class_of_prompt.get(record["text"]), []).append(record)
+        by_class.setdefault(class_key(record), []).append(record)
     added = []
     for key, count in sorted(_counts(half).items()):
         pool = by_class.get(key, [])
         if len(pool) < count:
-            raise ValueError(f"class {key!r}: {count} synthetic images needed, {len(pool)} generated; sample more per prompt")
+            raise ValueError(
+                f"class {key!r}: {count} synthetic images needed, {len(pool)} generated; sample more per prompt"
+            )
         added += [pool[i] for i in sorted(rng.choice(len(pool), count, replace=False))]
     return {"real": full, "real_half": half, "real_half+synthetic": half + added}
 
@@ -84,8 +77,14 @@ def macro_auroc(targets: np.ndarray, scores: np.ndarray, multilabel: bool) -> fl
     return float(np.mean([roc_auc_score(onehot[:, j], scores[:, j]) for j in present]))
 
 
-def paired_bootstrap(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, multilabel: bool,
-                     resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(
+    targets: np.ndarray,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    multilabel: bool,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
     """Macro-AUROC of B minus A on the test set, with a 95 % percentile interval from resampling
     the test images with replacement (the same resample for both: a paired bootstrap).
 
@@ -104,8 +103,12 @@ def paired_bootstrap(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
     defined = ~np.isnan(macro[0])
     differences = (macro[1] - macro[0])[defined]
     low, high = np.percentile(differences, [2.5, 97.5])
-    return {"difference": macro_auroc(targets, scores_b, multilabel) - macro_auroc(targets, scores_a, multilabel),
-            "low": float(low), "high": float(high), "resamples": int(defined.sum())}
+    return {
+        "difference": macro_auroc(targets, scores_b, multilabel) - macro_auroc(targets, scores_a, multilabel),
+        "low": float(low),
+        "high": float(high),
+        "resamples": int(defined.sum()),
+    }
 
 
 def _macro_auroc_rows(onehot: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -123,77 +126,6 @@ def _macro_auroc_rows(onehot: np.ndarray, scores: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         counts = np.sum(~np.isnan(per_label), axis=1)
         return np.where(counts > 0, np.nansum(per_label, axis=1) / np.maximum(counts, 1), np.nan)
-
-
-def resnet50(outputs: int, imagenet_weights: str | Path | None = None) -> tuple[nn.Module, str]:
-    """torchvision's ResNet-50 with an `outputs`-way head; ImageNet weights from a local file only.
-    Returns the model and how it was initialised, for the record."""
-    from torchvision.models import resnet50 as build
-
-    model = build(weights=None)
-    if imagenet_weights is not None:
-        path = Path(imagenet_weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"ImageNet weights not found: {path} (medsyn never downloads weights)")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        initialisation = f"ImageNet weights from {path}"
-    else:
-        initialisation = "random initialisation (no ImageNet weights given)"
-    model.fc = nn.Linear(model.fc.in_features, outputs)
-    return model, initialisation
-
-
-def _inputs(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, multilabel: bool, batch_size: int = 64) -> np.ndarray:
-    """Sigmoid (multi-label) or softmax (multi-class) scores of uint8 N x H x W x 3 images."""
-    model.eval()
-    logits = torch.cat([model(_inputs(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
-    return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy()
-
-
-def train_classifier(images: np.ndarray, targets: np.ndarray, val_images: np.ndarray, val_targets: np.ndarray,
-                     outputs: int, multilabel: bool, epochs: int = 15, lr: float = 1e-4, batch_size: int = 32,
-                     imagenet_weights: str | Path | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """MediSyn's downstream classifier: ResNet-50, AdamW at `lr`, `epochs` epochs with horizontal
-    flips, the epoch with the best validation macro-AUROC kept.
-
-    Returns:
-        {'model' (the best epoch's weights), 'initialisation', 'val_auroc' per epoch, 'best_epoch', 'loss' per epoch}.
-    """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    model, initialisation = resnet50(outputs, imagenet_weights)
-    optimizer = adamw(model.parameters(), lr=lr)
-    loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
-    y = torch.from_numpy(targets) if multilabel else torch.from_numpy(targets).long()
-    generator = torch.Generator().manual_seed(seed)
-    best, best_state, history, losses = -1.0, None, [], []
-    for _ in tqdm(range(epochs), desc="resnet50", unit="epoch", disable=not progress):
-        model.train()
-        order, total = torch.randperm(len(images), generator=generator), 0.0
-        for start in range(0, len(images), batch_size):
-            index = order[start:start + batch_size]
-            x = _inputs(images[index.numpy()])
-            flip = torch.rand(len(index), generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
-            loss = loss_fn(model(x), y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
-        losses.append(total / len(images))
-        history.append(macro_auroc(val_targets, predict(model, val_images, multilabel), multilabel))
-        if history[-1] > best:
-            best, best_state = history[-1], {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return {"model": model, "initialisation": initialisation, "val_auroc": history,
-            "best_epoch": int(np.argmax(history)) + 1, "loss": losses}
 
 
 def plot_roc(targets: np.ndarray, scores: dict[str, np.ndarray], multilabel: bool, title: str):

@@ -16,22 +16,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from medsyn.data.curate import read_metadata
-from medsyn.data.tables import class_key, class_prompts
-from medsyn.metrics.fidelity import (feature_statistics, frechet_distance, inception_features, inception_weights,
-                                     kernel_distance, ms_ssim_diversity, precision_recall)
+from medsyn.data.dataset import class_key, class_prompts, image_path, load_rgb, load_split, split_records
+from medsyn.metrics.fidelity import (
+    feature_statistics,
+    frechet_distance,
+    inception_features,
+    inception_weights,
+    kernel_distance,
+    ms_ssim_diversity,
+    precision_recall,
+)
 from medsyn.metrics.niqe import niqe
-from medsyn.training.common import load_rgb
 
-
-def load_dataset(dataset_dir: str | Path, split: str | None = None) -> tuple[np.ndarray, list[dict]]:
-    """uint8 N x H x W x 3 images and their records (of one split, or all) from a dataset in the curated format."""
-    records = [r for r in read_metadata(dataset_dir) if split is None or r["split"] == split]
-    if not records:
-        raise ValueError(f"no {split or ''} records in {dataset_dir}".replace("  ", " "))
-    return np.stack([load_rgb(Path(dataset_dir) / r["file_name"]) for r in records]), records
+# a generated dataset holds its images in one split
+GENERATED = "train"
 
 
 def equal_counts(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -56,10 +55,17 @@ def within_class_ms_ssim(images: np.ndarray, classes: list[str], pairs: int = 50
     return (float(np.mean(values)) if values else float("nan")), window
 
 
-def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domain_clip_dir: str | Path,
-                   probe_path: str | Path, real_split: str = "test", reference_split: str = "train",
-                   inception_path: str | Path | None = None, niqe_block: int = 96,
-                   seed: int = 0) -> tuple[pd.DataFrame, str, dict]:
+def fidelity_table(
+    real_dir: str | Path,
+    generated: dict[str, str | Path],
+    domain_clip_dir: str | Path,
+    probe_path: str | Path,
+    real_split: str = "test",
+    reference_split: str = "train",
+    inception_path: str | Path | None = None,
+    niqe_block: int = 96,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, str, dict]:
     """One row per generated dataset, plus a `real` row (the `reference_split` images against the
     `real_split` images: the floor every family is measured against).
 
@@ -77,23 +83,22 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
         (the table, a note on the Inception weights: where they came from, or why FID is missing, and
         per family the classifier's result on its images: accuracy, macro_accuracy, per_class, n).
     """
-    from medsyn.metrics.class_probe import TrainedProbe
+    from medsyn.models.class_probe import TrainedProbe, to_probe_input
     from medsyn.models.domain_clip import embed_images, embed_texts, load_domain_clip
 
     clip, tokenizer = load_domain_clip(domain_clip_dir)
     probe = TrainedProbe.load(probe_path)
-    prompts = class_prompts([r for r in read_metadata(real_dir) if r["split"] == "train"])
-    class_of_prompt = {prompt: key for key, prompt in prompts.items()}
+    prompts = class_prompts(split_records(real_dir, "train"))
     try:
         weights = inception_weights(inception_path)
         note = f"InceptionV3 weights: {weights}"
     except FileNotFoundError as error:
         weights, note = None, f"FID not computed: {error}"
 
-    real, real_records = load_dataset(real_dir, real_split)
-    sets = {"real": load_dataset(real_dir, reference_split)}
+    real, real_records = load_split(real_dir, real_split)
+    sets = {"real": load_split(real_dir, reference_split)}
     for family, directory in generated.items():
-        sets[family] = load_dataset(directory)
+        sets[family] = load_split(directory, GENERATED)
     real_embeddings = embed_images(clip, real.transpose(0, 3, 1, 2)).double().numpy()
     real_inception = inception_features(real, weights) if weights else None
     real_ms_ssim, window = within_class_ms_ssim(real, [class_key(r) for r in real_records], seed=seed)
@@ -101,17 +106,22 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
 
     rows, alignment = [], {}
     for family, (images, records) in sets.items():
-        classes = [class_key(r) if family == "real" else class_of_prompt.get(r["text"]) for r in records]
-        if None in classes:
-            unknown = sorted({r["text"] for r, c in zip(records, classes) if c is None})
-            raise ValueError(f"{family}: prompts that are no class's caption in {real_dir}: {unknown[:3]}")
+        classes = [class_key(r) for r in records]
+        unknown = sorted(set(classes) - set(prompts))
+        if unknown:
+            raise ValueError(f"{family}: classes that are not classes of {real_dir}'s training split: {unknown[:3]}")
         mine, theirs = equal_counts(images, real, seed)
         embeddings = embed_images(clip, images.transpose(0, 3, 1, 2))
         features = embeddings.double().numpy()
-        row = {"family": family, "images": len(images), "compared": len(mine),
-               "FD_domain_clip": frechet_distance(*feature_statistics(features[mine]),
-                                                  *feature_statistics(real_embeddings[theirs])),
-               "KID_domain_clip": kernel_distance(real_embeddings[theirs], features[mine], seed=seed)[0]}
+        row = {
+            "family": family,
+            "images": len(images),
+            "compared": len(mine),
+            "FD_domain_clip": frechet_distance(
+                *feature_statistics(features[mine]), *feature_statistics(real_embeddings[theirs])
+            ),
+            "KID_domain_clip": kernel_distance(real_embeddings[theirs], features[mine], seed=seed)[0],
+        }
         if len(mine) > 3:  # the k = 3 neighbourhoods need more samples
             row.update(precision_recall(real_embeddings[theirs], features[mine]))
             row.pop("f_score")
@@ -130,8 +140,7 @@ def fidelity_table(real_dir: str | Path, generated: dict[str, str | Path], domai
         row["MS_SSIM_window"] = window
         texts = embed_texts(clip, tokenizer, [prompts[c] for c in classes])
         row["domain_clip_score"] = float(100 * (embeddings * texts).sum(dim=1).mean())
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        alignment[family] = probe.accuracy_of(pixels, classes)
+        alignment[family] = probe.accuracy_of(to_probe_input(images), classes)
         row["alignment_macro"] = alignment[family]["macro_accuracy"]
         row["niqe_block"] = niqe_block
         rows.append(row)
@@ -142,10 +151,17 @@ def plot_fidelity(table: pd.DataFrame):
     """One panel per metric, one bar per family (the `real` row is the floor / ceiling to compare with)."""
     import matplotlib.pyplot as plt
 
-    metrics = [("FD_domain_clip", "FD (domain CLIP) ↓"), ("KID_domain_clip", "KID (domain CLIP) ↓"),
-               ("FID", "FID (InceptionV3) ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
-               ("NIQE_generated", "NIQE ↓"), ("MS_SSIM_within_class", "MS-SSIM within class ↓ (diversity)"),
-               ("domain_clip_score", "domain CLIP score ↑"), ("alignment_macro", "classifier alignment ↑")]
+    metrics = [
+        ("FD_domain_clip", "FD (domain CLIP) ↓"),
+        ("KID_domain_clip", "KID (domain CLIP) ↓"),
+        ("FID", "FID (InceptionV3) ↓"),
+        ("precision", "precision ↑"),
+        ("recall", "recall ↑"),
+        ("NIQE_generated", "NIQE ↓"),
+        ("MS_SSIM_within_class", "MS-SSIM within class ↓ (diversity)"),
+        ("domain_clip_score", "domain CLIP score ↑"),
+        ("alignment_macro", "classifier alignment ↑"),
+    ]
     metrics = [(m, t) for m, t in metrics if table[m].notna().any()]
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
     colours = ["0.6" if f == "real" else f"C{i}" for i, f in enumerate(table["family"])]
@@ -157,18 +173,20 @@ def plot_fidelity(table: pd.DataFrame):
     return fig
 
 
-def plot_real_and_generated(real_dir: str | Path, generated: dict[str, str | Path], per_cell: int = 2,
-                            split: str = "test"):
+def plot_real_and_generated(
+    real_dir: str | Path, generated: dict[str, str | Path], per_cell: int = 2, split: str = "test"
+):
     """One row per class, one column block per image source: `per_cell` real images of the class
     (from `split`) beside `per_cell` generated images of each family for the class's prompt."""
     import matplotlib.pyplot as plt
 
-    real_records = [r for r in read_metadata(real_dir) if r["split"] == split]
-    prompts = class_prompts([r for r in read_metadata(real_dir) if r["split"] == "train"])
-    sources = {"real": (real_dir, {k: [r for r in real_records if class_key(r) == k][:per_cell] for k in prompts})}
-    for family, directory in generated.items():
-        records = read_metadata(directory)
-        sources[family] = (directory, {k: [r for r in records if r["text"] == p][:per_cell] for k, p in prompts.items()})
+    prompts = class_prompts(split_records(real_dir, "train"))
+    sources = {"real": (real_dir, split_records(real_dir, split))}
+    sources |= {family: (directory, split_records(directory, GENERATED)) for family, directory in generated.items()}
+    sources = {
+        name: (directory, {k: [r for r in records if class_key(r) == k][:per_cell] for k in prompts})
+        for name, (directory, records) in sources.items()
+    }
     columns = len(sources) * per_cell
     fig, axes = plt.subplots(len(prompts), columns, figsize=(columns * 0.9 + 2.8, len(prompts) * 0.9), squeeze=False)
     for row, key in enumerate(prompts):
@@ -177,7 +195,7 @@ def plot_real_and_generated(real_dir: str | Path, generated: dict[str, str | Pat
                 ax = axes[row, block * per_cell + k]
                 ax.axis("off")
                 if k < len(by_class[key]):
-                    ax.imshow(load_rgb(Path(directory) / by_class[key][k]["file_name"]))
+                    ax.imshow(load_rgb(image_path(directory, by_class[key][k])))
                 if row == 0 and k == 0:
                     ax.set_title(name, fontsize=8, loc="left")
         axes[row, 0].text(-0.1, 0.5, key, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=6)
@@ -187,8 +205,16 @@ def plot_real_and_generated(real_dir: str | Path, generated: dict[str, str | Pat
 
 # ---------------------------------------------------------------- memorisation (notebook 07)
 
-def memorisation_pairs(real_dir: str | Path, generated: dict[str, str | Path], domain_clip_dir: str | Path,
-                       grid: int = 4, plant_copy: bool = True, seed: int = 0, chunk: int = 65536) -> pd.DataFrame:
+
+def memorisation_pairs(
+    real_dir: str | Path,
+    generated: dict[str, str | Path],
+    domain_clip_dir: str | Path,
+    grid: int = 4,
+    plant_copy: bool = True,
+    seed: int = 0,
+    chunk: int = 65536,
+) -> pd.DataFrame:
     """MediSyn's memorisation check (Methods 4.3.4) for each generated dataset: every generated image's
     nearest training image by cosine similarity of image embeddings, searched only among training
     images of the same specialty and image type, and the tiled distance of the pair.
@@ -205,28 +231,40 @@ def memorisation_pairs(real_dir: str | Path, generated: dict[str, str | Path], d
     from medsyn.models.domain_clip import embed_images, load_domain_clip
 
     clip, _ = load_domain_clip(domain_clip_dir)
-    training, training_records = load_dataset(real_dir, "train")
+    training, training_records = load_split(real_dir, "train")
     training_embeddings = embed_images(clip, training.transpose(0, 3, 1, 2))
     training_groups = [(r.get("specialty"), r.get("image_type")) for r in training_records]
     rng = np.random.default_rng(seed)
     rows = []
     for family, directory in generated.items():
-        images, records = load_dataset(directory)
+        images, records = load_split(directory, GENERATED)
         planted = np.zeros(len(images), dtype=bool)
         if plant_copy:
             k = int(rng.integers(len(training)))
-            images = np.concatenate([images, training[k:k + 1]])
-            records = [*records, {**training_records[k], "file_name": f"planted copy of {training_records[k]['file_name']}"}]
+            images = np.concatenate([images, training[k : k + 1]])
+            records = [
+                *records,
+                {**training_records[k], "file_name": f"planted copy of {training_records[k]['file_name']}"},
+            ]
             planted = np.append(planted, True)
         groups = [(r.get("specialty"), r.get("image_type")) for r in records]
-        index, similarity = nearest_in_group(embed_images(clip, images.transpose(0, 3, 1, 2)), groups,
-                                             training_embeddings, training_groups, chunk)
+        index, similarity = nearest_in_group(
+            embed_images(clip, images.transpose(0, 3, 1, 2)), groups, training_embeddings, training_groups, chunk
+        )
         for i, record in enumerate(records):
             j = index[i]
-            rows.append({"family": family, "file_name": record["file_name"], "specialty": record.get("specialty"),
-                         "image_type": record.get("image_type"), "planted": bool(planted[i]),
-                         "nearest_training": training_records[j]["file_name"] if j >= 0 else "",
-                         "cosine": similarity[i], "tiled_l2": tiled_l2(images[i], training[j], grid) if j >= 0 else np.nan})
+            rows.append(
+                {
+                    "family": family,
+                    "file_name": record["file_name"],
+                    "specialty": record.get("specialty"),
+                    "image_type": record.get("image_type"),
+                    "planted": bool(planted[i]),
+                    "nearest_training": training_records[j]["file_name"] if j >= 0 else "",
+                    "cosine": similarity[i],
+                    "tiled_l2": tiled_l2(images[i], training[j], grid) if j >= 0 else np.nan,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -251,14 +289,17 @@ def plot_distances(pairs: pd.DataFrame, threshold: float):
     return fig
 
 
-def plot_closest_pairs(pairs: pd.DataFrame, real_dir: str | Path, generated: dict[str, str | Path], per_family: int = 6):
+def plot_closest_pairs(
+    pairs: pd.DataFrame, real_dir: str | Path, generated: dict[str, str | Path], per_family: int = 6
+):
     """MediSyn Extended Data Fig. 1: each family's closest generated / training pairs side by side."""
     import matplotlib.pyplot as plt
 
     pairs = pairs[~pairs["planted"] & pairs["tiled_l2"].notna()]
     families = list(generated)
-    fig, axes = plt.subplots(len(families), 2 * per_family, figsize=(2 * per_family * 0.95, len(families) * 1.25),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(families), 2 * per_family, figsize=(2 * per_family * 0.95, len(families) * 1.25), squeeze=False
+    )
     for row, family in enumerate(families):
         closest = pairs[pairs["family"] == family].nsmallest(per_family, "tiled_l2")
         for k in range(per_family):
@@ -267,8 +308,10 @@ def plot_closest_pairs(pairs: pd.DataFrame, real_dir: str | Path, generated: dic
                 ax.axis("off")
                 if k < len(closest):
                     pair = closest.iloc[k]
-                    path = (Path(generated[family]) / pair["file_name"]) if side == 0 else Path(real_dir) / pair["nearest_training"]
-                    ax.imshow(load_rgb(path))
+                    directory = generated[family] if side == 0 else real_dir
+                    name = pair["file_name"] if side == 0 else pair["nearest_training"]
+                    # both lie in their dataset's train split (a generated dataset has no other)
+                    ax.imshow(load_rgb(Path(directory) / "train" / name))
                     ax.set_title(f"d={pair['tiled_l2']:.2f}" if side == 0 else "training", fontsize=6)
         axes[row, 0].text(-0.15, 0.5, family, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.12, wspace=0.05, hspace=0.3)
@@ -276,6 +319,7 @@ def plot_closest_pairs(pairs: pd.DataFrame, real_dir: str | Path, generated: dic
 
 
 # ---------------------------------------------------------------- the cross-family comparison (notebook 09)
+
 
 def comparison_table(figures_dir: str | Path, families: list[str]) -> pd.DataFrame:
     """One row per family from the tables notebooks 05-08 wrote into `figures_dir`: fidelity and
@@ -302,18 +346,32 @@ def comparison_table(figures_dir: str | Path, families: list[str]) -> pd.DataFra
     for family in families:
         gain = boot[(boot["baseline"] == "real_half") & (boot["compared"] == f"real_half+{family}")]
         threshold_column = next(c for c in privacy.columns if c.startswith("pairs_at_most_"))
-        rows.append({
-            "family": family,
-            **{c: fidelity.loc[family, c] for c in ("FID", "FD_domain_clip", "KID_domain_clip", "precision", "recall",
-                                                    "NIQE_generated", "MS_SSIM_within_class", "domain_clip_score",
-                                                    "alignment_macro")},
-            "tiled_l2_mean": privacy.loc[family, "mean"],
-            "likely_copies": f"{int(privacy.loc[family, threshold_column])} / {int(privacy.loc[family, 'pairs'])}",
-            "auroc_gain_over_half_real": gain["difference"].mean() if len(gain) else float("nan"),
-            "auroc_gain_intervals": "; ".join(f"{t}: [{lo:+.3f}, {hi:+.3f}]" for t, lo, hi in
-                                              zip(gain["task"], gain["low"], gain["high"])),
-            "seconds_per_image": sampling.loc[family, "seconds_per_image"],
-        })
+        rows.append(
+            {
+                "family": family,
+                **{
+                    c: fidelity.loc[family, c]
+                    for c in (
+                        "FID",
+                        "FD_domain_clip",
+                        "KID_domain_clip",
+                        "precision",
+                        "recall",
+                        "NIQE_generated",
+                        "MS_SSIM_within_class",
+                        "domain_clip_score",
+                        "alignment_macro",
+                    )
+                },
+                "tiled_l2_mean": privacy.loc[family, "mean"],
+                "likely_copies": f"{int(privacy.loc[family, threshold_column])} / {int(privacy.loc[family, 'pairs'])}",
+                "auroc_gain_over_half_real": gain["difference"].mean() if len(gain) else float("nan"),
+                "auroc_gain_intervals": "; ".join(
+                    f"{t}: [{lo:+.3f}, {hi:+.3f}]" for t, lo, hi in zip(gain["task"], gain["low"], gain["high"])
+                ),
+                "seconds_per_image": sampling.loc[family, "seconds_per_image"],
+            }
+        )
     return pd.DataFrame(rows).set_index("family")
 
 
@@ -321,9 +379,14 @@ def plot_comparison(table: pd.DataFrame):
     """The cross-family comparison at a glance: one panel per criterion, one bar per family."""
     import matplotlib.pyplot as plt
 
-    panels = [("FD_domain_clip", "fidelity: FD (domain CLIP) ↓"), ("alignment_macro", "alignment: classifier ↑"),
-              ("MS_SSIM_within_class", "diversity: MS-SSIM ↓"), ("tiled_l2_mean", "privacy: tiled L2 to nearest ↑"),
-              ("auroc_gain_over_half_real", "utility: AUROC gain ↑"), ("seconds_per_image", "cost: s / image ↓")]
+    panels = [
+        ("FD_domain_clip", "fidelity: FD (domain CLIP) ↓"),
+        ("alignment_macro", "alignment: classifier ↑"),
+        ("MS_SSIM_within_class", "diversity: MS-SSIM ↓"),
+        ("tiled_l2_mean", "privacy: tiled L2 to nearest ↑"),
+        ("auroc_gain_over_half_real", "utility: AUROC gain ↑"),
+        ("seconds_per_image", "cost: s / image ↓"),
+    ]
     panels = [(c, t) for c, t in panels if table[c].notna().any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.7 * len(panels), 3.0), squeeze=False)
     for ax, (column, title) in zip(axes[0], panels):

@@ -6,15 +6,15 @@ recall (Kynkäänniemi et al. 2019) and MS-SSIM diversity. The arithmetic is tor
 from a local file only (`inception_weights`), never from the network.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from medsyn.paths import INCEPTION_ENV, inception_weights_from_environment
+
 # torch-fidelity's port of the TensorFlow FID Inception (2015-12-05), the file its own download writes
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_ENV = "MEDSYN_INCEPTION_WEIGHTS"
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -36,8 +36,9 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def kernel_distance(real: np.ndarray, generated: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                    seed: int = 0) -> tuple[float, float]:
+def kernel_distance(
+    real: np.ndarray, generated: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """KID: the unbiased estimate of MMD² with the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³,
     averaged over random subsets (torch-fidelity's estimator).
 
@@ -55,8 +56,14 @@ def kernel_distance(real: np.ndarray, generated: np.ndarray, subsets: int = 100,
     n = min(len(real), len(generated), subset_size)
     if n < 2:
         raise ValueError("KID needs at least 2 samples on each side")
-    out = kid_features_to_metric(torch.from_numpy(real), torch.from_numpy(generated), kid_subsets=subsets,
-                                 kid_subset_size=n, rng_seed=seed, verbose=False)
+    out = kid_features_to_metric(
+        torch.from_numpy(real),
+        torch.from_numpy(generated),
+        kid_subsets=subsets,
+        kid_subset_size=n,
+        rng_seed=seed,
+        verbose=False,
+    )
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
@@ -68,15 +75,24 @@ def precision_recall(real: np.ndarray, generated: np.ndarray, neighbourhood: int
     Returns:
         {'precision', 'recall', 'f_score'}.
     """
-    from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
-                                           prc_features_to_metric)
+    from torch_fidelity.metric_prc import (
+        KEY_METRIC_F_SCORE,
+        KEY_METRIC_PRECISION,
+        KEY_METRIC_RECALL,
+        prc_features_to_metric,
+    )
 
     real, generated = (torch.from_numpy(np.asarray(x, np.float32)) for x in (real, generated))
     if min(len(real), len(generated)) <= neighbourhood:
         raise ValueError(f"precision/recall needs more than {neighbourhood} samples on each side")
-    out = prc_features_to_metric(generated, real, prc_neighborhood=neighbourhood, prc_batch_size=10000,
-                                 save_cpu_ram=False, verbose=False)
-    return {"precision": out[KEY_METRIC_PRECISION], "recall": out[KEY_METRIC_RECALL], "f_score": out[KEY_METRIC_F_SCORE]}
+    out = prc_features_to_metric(
+        generated, real, prc_neighborhood=neighbourhood, prc_batch_size=10000, save_cpu_ram=False, verbose=False
+    )
+    return {
+        "precision": out[KEY_METRIC_PRECISION],
+        "recall": out[KEY_METRIC_RECALL],
+        "f_score": out[KEY_METRIC_F_SCORE],
+    }
 
 
 def inception_weights(path: str | Path | None = None) -> Path:
@@ -90,15 +106,17 @@ def inception_weights(path: str | Path | None = None) -> Path:
     places = []
     if path is not None:
         places.append(("the path given", Path(path)))
-    if os.environ.get(INCEPTION_ENV):
-        places.append((f"${INCEPTION_ENV}", Path(os.environ[INCEPTION_ENV])))
+    if inception_weights_from_environment() is not None:
+        places.append((f"${INCEPTION_ENV}", inception_weights_from_environment()))
     places.append(("torch hub's cache", Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE))
     for _, place in places:
         if place.is_file():
             return place
     looked = "; ".join(f"{name}: {place}" for name, place in places)
-    raise FileNotFoundError(f"InceptionV3 weights for FID not found (medsyn never downloads). Looked at {looked}. "
-                            f"Put torch-fidelity's {INCEPTION_FILE} at one of them, or set ${INCEPTION_ENV}.")
+    raise FileNotFoundError(
+        f"InceptionV3 weights for FID not found (medsyn never downloads). Looked at {looked}. "
+        f"Put torch-fidelity's {INCEPTION_FILE} at one of them, or set ${INCEPTION_ENV}."
+    )
 
 
 def inception_features(images, weights_path: str | Path | None = None, batch_size: int = 50) -> np.ndarray:
@@ -108,14 +126,16 @@ def inception_features(images, weights_path: str | Path | None = None, batch_siz
     weights = inception_weights(weights_path)  # first, so that missing weights fail at once
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    extractor = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)
+    )
     return _extract(lambda batch: extractor(batch)[0], images, batch_size)
 
 
 def _extract(model, images, batch_size: int) -> np.ndarray:
     out = []
     for start in range(0, len(images), batch_size):
-        batch = np.stack([_rgb(image) for image in images[start:start + batch_size]])
+        batch = np.stack([_rgb(image) for image in images[start : start + batch_size]])
         with torch.no_grad():
             out.append(model(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()).double().numpy())
     return np.concatenate(out)

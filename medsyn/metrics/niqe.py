@@ -42,14 +42,13 @@ def rgb2gray(image: np.ndarray) -> np.ndarray:
 def gaussian_window(size: int = 7, sigma: float = 7 / 6) -> np.ndarray:
     """MATLAB's `fspecial('gaussian', size, sigma)`."""
     x = np.arange(size) - (size - 1) / 2
-    window = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2))
+    window = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
     return window / window.sum()
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
     a = np.abs(x)
-    return ((1.5 * a ** 3 - 2.5 * a ** 2 + 1) * (a <= 1)
-            + (-0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2) * ((a > 1) & (a <= 2)))
+    return (1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1) + (-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * ((a > 1) & (a <= 2))
 
 
 def _resize_weights(length: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +84,8 @@ def aggd_parameters(values: np.ndarray) -> tuple[float, float, float]:
         left = np.sqrt(np.mean(values[values < 0] ** 2)) if np.any(values < 0) else np.nan
         right = np.sqrt(np.mean(values[values > 0] ** 2)) if np.any(values > 0) else np.nan
         ratio = left / right
-        rhat = np.mean(np.abs(values)) ** 2 / np.mean(values ** 2)
-        rhat_norm = rhat * (ratio ** 3 + 1) * (ratio + 1) / (ratio ** 2 + 1) ** 2
+        rhat = np.mean(np.abs(values)) ** 2 / np.mean(values**2)
+        rhat_norm = rhat * (ratio**3 + 1) * (ratio + 1) / (ratio**2 + 1) ** 2
     if not np.isfinite(rhat_norm):
         return np.nan, np.nan, np.nan
     alpha = SHAPES[np.argmin((SHAPE_RATIOS - rhat_norm) ** 2)]
@@ -112,8 +111,13 @@ def _scale_features(image: np.ndarray, block: int) -> np.ndarray:
     coefficients = (image - mu) / (sigma + 1)
     rows, cols = image.shape[0] // block, image.shape[1] // block
     # blkproc's order: blocks down each column of blocks, then across
-    return np.array([block_features(coefficients[r * block:(r + 1) * block, c * block:(c + 1) * block])
-                     for c in range(cols) for r in range(rows)])
+    return np.array(
+        [
+            block_features(coefficients[r * block : (r + 1) * block, c * block : (c + 1) * block])
+            for c in range(cols)
+            for r in range(rows)
+        ]
+    )
 
 
 def niqe(image: np.ndarray, block_size: int = 96) -> float:
@@ -135,9 +139,11 @@ def niqe(image: np.ndarray, block_size: int = 96) -> float:
         raise ValueError(f"block_size must be even, not {block_size}")
     rows, cols = image.shape[0] // block_size, image.shape[1] // block_size
     if rows == 0 or cols == 0:
-        raise ValueError(f"NIQE needs at least {block_size} x {block_size} pixels; the image is {image.shape[0]} x "
-                         f"{image.shape[1]} (pass a smaller block_size, and report it)")
-    grey = image[:rows * block_size, :cols * block_size].astype(np.float64)
+        raise ValueError(
+            f"NIQE needs at least {block_size} x {block_size} pixels; the image is {image.shape[0]} x "
+            f"{image.shape[1]} (pass a smaller block_size, and report it)"
+        )
+    grey = image[: rows * block_size, : cols * block_size].astype(np.float64)
     features = np.hstack([_scale_features(grey, block_size), _scale_features(imresize_half(grey), block_size // 2)])
     # the MATLAB code's nanmean (per feature) and nancov (over blocks with every feature defined): a
     # flat block has undefined features

@@ -27,11 +27,13 @@ def tiled_l2(a: np.ndarray, b: np.ndarray, grid: int = 4) -> float:
     diff = a.astype(np.float64) - b.astype(np.float64)
     # (grid, th, grid, tw, ...) -> one row per tile
     tiles = diff.reshape(grid, th, grid, tw, -1).transpose(0, 2, 1, 3, 4).reshape(grid * grid, -1)
-    per_tile = np.sqrt((tiles ** 2).sum(axis=1) / (255.0 ** 2 * tiles.shape[1]))
+    per_tile = np.sqrt((tiles**2).sum(axis=1) / (255.0**2 * tiles.shape[1]))
     return float(per_tile.max())
 
 
-def nearest_neighbours(queries: torch.Tensor, references: torch.Tensor, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(
+    queries: torch.Tensor, references: torch.Tensor, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact nearest reference of each query by cosine similarity, in chunks of references, so that
     10⁶ references need only one chunk × queries similarity block in memory at a time.
 
@@ -48,7 +50,7 @@ def nearest_neighbours(queries: torch.Tensor, references: torch.Tensor, chunk: i
     best = torch.full((len(q),), -2.0)
     where = torch.zeros(len(q), dtype=torch.long)
     for start in range(0, len(references), chunk):
-        r = torch.nn.functional.normalize(references[start:start + chunk].float(), dim=1)
+        r = torch.nn.functional.normalize(references[start : start + chunk].float(), dim=1)
         similarity, index = (q @ r.T).max(dim=1)
         better = similarity > best
         best[better], where[better] = similarity[better], index[better] + start
@@ -59,8 +61,9 @@ def nearest_neighbours(queries: torch.Tensor, references: torch.Tensor, chunk: i
 COPY_THRESHOLD = 0.15
 
 
-def nearest_in_group(queries: torch.Tensor, query_groups: list, references: torch.Tensor, reference_groups: list,
-                     chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def nearest_in_group(
+    queries: torch.Tensor, query_groups: list, references: torch.Tensor, reference_groups: list, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """`nearest_neighbours` restricted to references of the query's own group (MediSyn: the same
     specialty and image type). A query whose group has no reference gets index −1 and similarity NaN,
     so that it is reported rather than matched across groups.
@@ -108,6 +111,34 @@ def memorisation_table(distances: np.ndarray, specialties: list[str], threshold:
         d = distances if name == "all" else distances[specialties == name]
         differences = d - threshold
         p = wilcoxon(differences, alternative="greater").pvalue if np.any(differences) and len(d) > 1 else np.nan
-        rows.append({"specialty": name, "pairs": len(d), "mean": d.mean(), "sd": d.std(ddof=1) if len(d) > 1 else np.nan,
-                     f"pairs_at_most_{threshold:g}": int(np.sum(d <= threshold)), "wilcoxon_p_greater": p})
+        rows.append(
+            {
+                "specialty": name,
+                "pairs": len(d),
+                "mean": d.mean(),
+                "sd": d.std(ddof=1) if len(d) > 1 else np.nan,
+                f"pairs_at_most_{threshold:g}": int(np.sum(d <= threshold)),
+                "wilcoxon_p_greater": p,
+            }
+        )
     return pd.DataFrame(rows)
+
+
+def memorisation_tables(pairs, threshold: float = COPY_THRESHOLD):
+    """`memorisation_table` for every family of `memorisation_pairs`' output (planted controls and
+    images of a kind with no training image left out), indexed by (family, specialty)."""
+    import pandas as pd
+
+    measured = pairs[~pairs["planted"] & pairs["tiled_l2"].notna()]
+    families = list(dict.fromkeys(pairs["family"]))
+    return pd.concat(
+        [
+            memorisation_table(
+                measured.loc[measured["family"] == f, "tiled_l2"],
+                measured.loc[measured["family"] == f, "specialty"].tolist(),
+                threshold,
+            ).assign(family=f)
+            for f in families
+        ],
+        ignore_index=True,
+    ).set_index(["family", "specialty"])

@@ -1,6 +1,7 @@
-"""A small domain CLIP (Radford et al. 2021) trained in-project with open_clip on the curated
-image-caption pairs: MSDM's "clinical text encoder" where no pretrained one is at hand, and the
-image / text embedding of the evaluation (alignment scores, nearest neighbours).
+"""A small domain CLIP (Radford et al. 2021), trained in-project with open_clip on the curated
+image-caption pairs by `medsyn.training.domain_clip`: MSDM's "clinical text encoder" where no
+pretrained one is at hand, and the image / text embedding of the evaluation (alignment scores,
+nearest neighbours).
 
 Saved in open_clip's own local layout (`open_clip_config.json` + `open_clip_model.safetensors`), which
 `open_clip.create_model_and_transforms("local-dir:<dir>")` loads. `export_text_encoder` writes its
@@ -14,15 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsyn.data.dataset import class_key, load_images
 from medsyn.models.text_encoders import require_dir
 
 # ~1.6 M + 1.5 M parameters: a ViT over 8 x 8 patches and a 4-layer text transformer of width 128
-DOMAIN_CLIP_CONFIG = {"embed_dim": 128,
-                      "vision_cfg": {"layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
-                      "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+DOMAIN_CLIP_CONFIG = {
+    "embed_dim": 128,
+    "vision_cfg": {"layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
 
 
-def _normalise(images: np.ndarray) -> torch.Tensor:
+def normalise(images: np.ndarray) -> torch.Tensor:
     """uint8 N x 3 x H x W -> CLIP's normalised float input."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
@@ -30,85 +34,31 @@ def _normalise(images: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
 
-def train_domain_clip(dataset_dir: str | Path, out_dir: str | Path, epochs: int = 30, batch_size: int = 64,
-                      lr: float = 5e-4, weight_decay: float = 0.1, config: dict | None = None, seed: int = 0,
-                      progress: bool = True) -> dict:
-    """Train a CLIP on the training split with open_clip's contrastive loss; save it to `<out_dir>/model`.
-
-    Args:
-        dataset_dir: curated dataset (one image size).
-        out_dir: the image cache and `model/`.
-        epochs: passes over the training images; batch_size: pairs per step.
-        lr, weight_decay: AdamW with a cosine schedule after a 5 % warm-up (open_clip's recipe).
-        config: overrides of `DOMAIN_CLIP_CONFIG` (open_clip `model_cfg` keys).
-        seed: seed of initialisation and batch order.
-        progress: show a progress bar.
-
-    Returns:
-        {'model_dir', 'loss_history', 'zero_shot_accuracy'}: the last is the validation images' accuracy
-        at picking their own class's prompt among all class prompts.
-    """
-    import open_clip
-    from open_clip.loss import ClipLoss
-
-    from medsyn.data.tables import class_prompts
-    from medsyn.training.common import batch_indices, cache_images, progress_bar, training_records
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    records = training_records(dataset_dir)
-    images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
-    cfg = {**DOMAIN_CLIP_CONFIG, **(config or {})}
-    cfg["vision_cfg"] = {**cfg["vision_cfg"], "image_size": int(images.shape[-1])}
-    model = open_clip.CLIP(**cfg, output_dict=True)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
-    texts = tokenizer([r["text"] for r in records])
-    steps = max(1, epochs * len(records) // batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
-    loss_fn = ClipLoss()
-    history = []
-    bar = progress_bar(steps, 0, "domain CLIP", progress)
-    model.train()
-    for step in range(steps):
-        index = np.sort(batch_indices(len(records), batch_size, seed, step))
-        out = model(_normalise(images[index]), texts[index])
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():  # CLIP clamps the learned temperature at 100
-            model.logit_scale.clamp_(0, np.log(100))
-        history.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-
-    model.eval()
-    model_dir = out_dir / "model"
-    _save(model, cfg, model_dir)
-    held_out = training_records(dataset_dir, "validation")
-    prompts = class_prompts(records)
-    accuracy = zero_shot_accuracy(model, tokenizer, dataset_dir, held_out, prompts)
-    return {"model_dir": model_dir, "loss_history": history, "zero_shot_accuracy": accuracy}
-
-
-def _save(model, cfg: dict, model_dir: Path) -> None:
+def save_domain_clip(model, cfg: dict, model_dir: Path) -> None:
+    """Write a CLIP and its `model_cfg` in open_clip's `local-dir:` layout (`load_domain_clip` reads it)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from safetensors.torch import save_file
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = {"size": cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_DATASET_MEAN),
-                  "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
+    preprocess = {
+        "size": cfg["vision_cfg"]["image_size"],
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    (model_dir / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2)
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, model_dir / "open_clip_model.safetensors")
 
 
 # the weight files open_clip's `local-dir:` loader reads (medsyn writes the first; BiomedCLIP ships the third)
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
 
 
 def load_domain_clip(model_dir: str | Path):
@@ -132,13 +82,17 @@ def embed_images(model, images: np.ndarray, batch_size: int = 256) -> torch.Tens
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
     def prepare(batch):
-        x = _normalise(batch)
+        x = normalise(batch)
         if tuple(x.shape[-2:]) != size:
             x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
         return x
 
-    return torch.cat([model.encode_image(prepare(images[i:i + batch_size]), normalize=True)
-                      for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            model.encode_image(prepare(images[i : i + batch_size]), normalize=True)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -147,18 +101,17 @@ def embed_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     return model.encode_text(tokenizer(list(texts)), normalize=True)
 
 
-def zero_shot_accuracy(model, tokenizer, dataset_dir: str | Path, records: list[dict], prompts: dict[str, str]) -> float:
+def zero_shot_accuracy(
+    model, tokenizer, dataset_dir: str | Path, records: list[dict], prompts: dict[str, str]
+) -> float:
     """Share of images whose most similar class prompt is their own class's (CLIP's zero-shot test).
 
     Args:
         model, tokenizer: a domain CLIP (`load_domain_clip`, or the one just trained).
         dataset_dir, records: the images to classify.
-        prompts: class name -> prompt (`medsyn.data.tables.class_prompts`).
+        prompts: class name -> prompt (`medsyn.data.dataset.class_prompts`).
     """
-    from medsyn.data.tables import class_key
-    from medsyn.training.common import load_rgb
-
-    images = np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in records])
+    images = load_images(dataset_dir, records).transpose(0, 3, 1, 2)
     similarity = embed_images(model, images) @ embed_texts(model, tokenizer, list(prompts.values())).T
     names = list(prompts)
     truth = np.array([names.index(class_key(r)) for r in records])
@@ -185,34 +138,59 @@ def export_text_encoder(model_dir: str | Path, out_dir: str | Path) -> Path:
     merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
     (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
     special = {v: k for k, v in simple.encoder.items()}
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!", bos_token=special[simple.sot_token_id],
-                                              eos_token=special[simple.eot_token_id],
-                                              unk_token=special[simple.eot_token_id], model_max_length=cfg["context_length"])
+    tokenizer = CLIPTokenizer.from_pretrained(
+        tokenizer_dir,
+        pad_token="!",
+        bos_token=special[simple.sot_token_id],
+        eos_token=special[simple.eot_token_id],
+        unk_token=special[simple.eot_token_id],
+        model_max_length=cfg["context_length"],
+    )
     tokenizer.save_pretrained(tokenizer_dir)
 
     width, layers = cfg["width"], cfg["layers"]
-    config = CLIPTextConfig(vocab_size=cfg["vocab_size"], hidden_size=width, intermediate_size=4 * width,
-                            num_hidden_layers=layers, num_attention_heads=cfg["heads"],
-                            max_position_embeddings=cfg["context_length"], hidden_act="gelu", layer_norm_eps=1e-5,
-                            projection_dim=DOMAIN_CLIP_CONFIG["embed_dim"],
-                            bos_token_id=simple.sot_token_id, eos_token_id=simple.eot_token_id, pad_token_id=0)
-    state = {"embeddings.token_embedding.weight": model.token_embedding.weight,
-             "embeddings.position_embedding.weight": model.positional_embedding,
-             "final_layer_norm.weight": model.ln_final.weight,
-             "final_layer_norm.bias": model.ln_final.bias}
+    config = CLIPTextConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=cfg["heads"],
+        max_position_embeddings=cfg["context_length"],
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=DOMAIN_CLIP_CONFIG["embed_dim"],
+        bos_token_id=simple.sot_token_id,
+        eos_token_id=simple.eot_token_id,
+        pad_token_id=0,
+    )
+    state = {
+        "embeddings.token_embedding.weight": model.token_embedding.weight,
+        "embeddings.position_embedding.weight": model.positional_embedding,
+        "final_layer_norm.weight": model.ln_final.weight,
+        "final_layer_norm.bias": model.ln_final.bias,
+    }
     for i, block in enumerate(model.transformer.resblocks):
         prefix = f"encoder.layers.{i}."
         q, k, v = block.attn.in_proj_weight.chunk(3)
         qb, kb, vb = block.attn.in_proj_bias.chunk(3)
-        state |= {prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.q_proj.bias": qb,
-                  prefix + "self_attn.k_proj.weight": k, prefix + "self_attn.k_proj.bias": kb,
-                  prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.v_proj.bias": vb,
-                  prefix + "self_attn.out_proj.weight": block.attn.out_proj.weight,
-                  prefix + "self_attn.out_proj.bias": block.attn.out_proj.bias,
-                  prefix + "layer_norm1.weight": block.ln_1.weight, prefix + "layer_norm1.bias": block.ln_1.bias,
-                  prefix + "layer_norm2.weight": block.ln_2.weight, prefix + "layer_norm2.bias": block.ln_2.bias,
-                  prefix + "mlp.fc1.weight": block.mlp.c_fc.weight, prefix + "mlp.fc1.bias": block.mlp.c_fc.bias,
-                  prefix + "mlp.fc2.weight": block.mlp.c_proj.weight, prefix + "mlp.fc2.bias": block.mlp.c_proj.bias}
+        state |= {
+            prefix + "self_attn.q_proj.weight": q,
+            prefix + "self_attn.q_proj.bias": qb,
+            prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.k_proj.bias": kb,
+            prefix + "self_attn.v_proj.weight": v,
+            prefix + "self_attn.v_proj.bias": vb,
+            prefix + "self_attn.out_proj.weight": block.attn.out_proj.weight,
+            prefix + "self_attn.out_proj.bias": block.attn.out_proj.bias,
+            prefix + "layer_norm1.weight": block.ln_1.weight,
+            prefix + "layer_norm1.bias": block.ln_1.bias,
+            prefix + "layer_norm2.weight": block.ln_2.weight,
+            prefix + "layer_norm2.bias": block.ln_2.bias,
+            prefix + "mlp.fc1.weight": block.mlp.c_fc.weight,
+            prefix + "mlp.fc1.bias": block.mlp.c_fc.bias,
+            prefix + "mlp.fc2.weight": block.mlp.c_proj.weight,
+            prefix + "mlp.fc2.bias": block.mlp.c_proj.bias,
+        }
     text_model = CLIPTextModel(config)
     missing, unexpected = text_model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
     if unexpected or [m for m in missing if "position_ids" not in m]:

@@ -79,8 +79,9 @@ class TextEncoder:
             raise ValueError("encode takes a list of prompts, not a single string")
         outputs, pooled, mask = [], None, None
         for i, (tokenizer, model) in enumerate(self.towers):
-            tokens = tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt")
+            tokens = tokenizer(
+                list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
             ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
             if self.kind == "sdxl":  # SDXL: penultimate layer of both towers, pooled output of the second
                 out = model(ids, output_hidden_states=True)
@@ -106,8 +107,15 @@ def load_text_encoder(kind: str, path: str | Path | None = None, max_length: int
     Raises:
         ValueError: unknown kind. FileNotFoundError: a missing directory or file, named.
     """
-    from transformers import (AutoModel, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                              T5EncoderModel, T5TokenizerFast)
+    from transformers import (
+        AutoModel,
+        AutoTokenizer,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
     if kind not in KINDS:
         raise ValueError(f"unknown text encoder kind {kind!r}; choose from {KINDS}")
@@ -126,12 +134,18 @@ def load_text_encoder(kind: str, path: str | Path | None = None, max_length: int
         require_dir(root / tokenizer_dir, tokenizer_files)
         require_dir(root / model_dir)
     if kind == "t5":
-        towers = [(T5TokenizerFast.from_pretrained(root / "tokenizer", **local),
-                   T5EncoderModel.from_pretrained(root / "text_encoder", **local))]
+        towers = [
+            (
+                T5TokenizerFast.from_pretrained(root / "tokenizer", **local),
+                T5EncoderModel.from_pretrained(root / "text_encoder", **local),
+            )
+        ]
         return _frozen(kind, towers, max_length or 120, root)
     models = [CLIPTextModel, CLIPTextModelWithProjection]
-    towers = [(CLIPTokenizer.from_pretrained(root / t, **local), models[i].from_pretrained(root / m, **local))
-              for i, (t, m) in enumerate(pairs)]
+    towers = [
+        (CLIPTokenizer.from_pretrained(root / t, **local), models[i].from_pretrained(root / m, **local))
+        for i, (t, m) in enumerate(pairs)
+    ]
     # 77 tokens as in SD, or fewer where the tower has fewer positions (medsyn's domain CLIP has 32)
     positions = min(model.config.max_position_embeddings for _, model in towers)
     return _frozen(kind, towers, max_length or min(77, positions), root)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from medsyn.data.curate import read_metadata
+from medsyn.data.dataset import image_path, load_images, load_rgb
 
 
 def make_accelerator(**kwargs):
@@ -48,6 +47,7 @@ def adamw(parameters, lr: float, **kwargs) -> torch.optim.AdamW:
 
 # ---------------------------------------------------------------- data order and randomness
 
+
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Indices of global batch `step`: consecutive slices of one permutation per epoch (seed, epoch).
 
@@ -61,7 +61,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
         order = np.random.default_rng([seed, epoch]).permutation(n)
-        out.extend(order[offset:offset + batch_size - len(out)].tolist())
+        out.extend(order[offset : offset + batch_size - len(out)].tolist())
     return np.asarray(out)
 
 
@@ -70,14 +70,16 @@ def micro_batch_size(batch_size: int, gradient_accumulation_steps: int, processe
     it must also split evenly over the processes."""
     micro = batch_size // gradient_accumulation_steps
     if micro * gradient_accumulation_steps != batch_size or micro % processes:
-        raise ValueError(f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
-                         f"steps and {processes} processes")
+        raise ValueError(
+            f"batch_size {batch_size} must split evenly over {gradient_accumulation_steps} accumulation "
+            f"steps and {processes} processes"
+        )
     return micro
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for the random draws of one step (noise, timesteps, caption dropout)."""
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, stream]).integers(2 ** 62)))
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, stream]).integers(2**62)))
 
 
 @dataclass
@@ -95,8 +97,18 @@ class Draws:
     dropped: np.ndarray
 
 
-def draw_batch(seed: int, draw: int, n: int, batch_size: int, latent_shape: tuple, num_train_timesteps: int,
-               caption_dropout: float, noise_offset: float = 0.0, rank: int = 0, world: int = 1) -> Draws:
+def draw_batch(
+    seed: int,
+    draw: int,
+    n: int,
+    batch_size: int,
+    latent_shape: tuple,
+    num_train_timesteps: int,
+    caption_dropout: float,
+    noise_offset: float = 0.0,
+    rank: int = 0,
+    world: int = 1,
+) -> Draws:
     """Everything random about global batch `draw`, drawn for the whole batch and then sliced to this
     process: any number of processes trains on the images, noise and timesteps one process would."""
     mine = slice(rank, None, world)
@@ -106,11 +118,13 @@ def draw_batch(seed: int, draw: int, n: int, batch_size: int, latent_shape: tupl
     dropped = (torch.rand(batch_size, generator=generator) < caption_dropout)[mine].numpy()
     noise = sample_noise(shape, generator, noise_offset)[mine]
     timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)[mine]
-    return Draws(index=batch_indices(n, batch_size, seed, draw)[mine], eps=eps, noise=noise, timesteps=timesteps,
-                 dropped=dropped)
+    return Draws(
+        index=batch_indices(n, batch_size, seed, draw)[mine], eps=eps, noise=noise, timesteps=timesteps, dropped=dropped
+    )
 
 
 # ---------------------------------------------------------------- loss pieces
+
 
 def min_snr_weights(snr: torch.Tensor, gamma: float | None, prediction_type: str) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al., ICCV 2023) for a loss on the network's own target.
@@ -161,29 +175,41 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def add_lora(model, rank: int, alpha: float | None = None, targets: list[str] = LORA_TARGETS) -> list[torch.nn.Parameter]:
+def add_lora(
+    model, rank: int, alpha: float | None = None, targets: list[str] = LORA_TARGETS
+) -> list[torch.nn.Parameter]:
     """Freeze a diffusers model and add peft LoRA adapters (Gaussian init, so the model starts as it
     was) on the modules named by `targets` (default: the attention projections); return the adapters'
     parameters, the only ones trained."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                 target_modules=targets))
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config)
+    else:  # diffusers gives some models (PixArt's transformer) no adapter methods: peft injects the layers
+        inject_adapter_in_model(config, model)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def merge_adapters(model) -> None:
-    """Merge the LoRA adapters into the weights and remove them: a plain diffusers model again."""
-    model.fuse_lora()
-    model.unload_lora()
+def merge_adapters(model):
+    """Merge the LoRA adapters into the weights and remove them: a plain diffusers model again
+    (changed in place, and returned)."""
+    if hasattr(model, "fuse_lora"):
+        model.fuse_lora()
+        model.unload_lora()
+        return model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    return model
 
 
 # ---------------------------------------------------------------- caches on disk (memory-mapped)
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """An image file as uint8 H x W x 3 (grey repeated): every generator works in RGB."""
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def cache_images(dataset_dir: str | Path, records: list[dict], cache_path: str | Path) -> np.memmap:
@@ -196,11 +222,11 @@ def cache_images(dataset_dir: str | Path, records: list[dict], cache_path: str |
     names = [r["file_name"] for r in records]
     if cache_path.is_file() and index_path.is_file() and json.loads(index_path.read_text()) == names:
         return np.load(cache_path, mmap_mode="r")
-    first = load_rgb(Path(dataset_dir) / names[0])
+    first = load_rgb(image_path(dataset_dir, records[0]))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     array = np.lib.format.open_memmap(cache_path, mode="w+", dtype=np.uint8, shape=(len(names), 3, *first.shape[:2]))
-    for i, name in enumerate(names):
-        image = load_rgb(Path(dataset_dir) / name)
+    for i, (name, record) in enumerate(zip(names, records)):
+        image = load_rgb(image_path(dataset_dir, record))
         if image.shape != first.shape:
             raise ValueError(f"{name} is {image.shape[:2]}, the others {first.shape[:2]}: curate at one size")
         array[i] = image.transpose(2, 0, 1)
@@ -218,7 +244,7 @@ def cache_latent_moments(vae, dataset_dir: str | Path, records: list[dict], cach
     if vae.dtype != torch.float32:
         vae = vae.to(torch.float32)
     for start in range(0, len(records), 64):
-        batch = np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in records[start:start + 64]])
+        batch = load_images(dataset_dir, records[start : start + 64]).transpose(0, 3, 1, 2)
         with torch.no_grad():
             encoded = vae.encode(to_model_range(batch).to(vae.device))
         if hasattr(encoded, "latent_dist"):
@@ -229,13 +255,15 @@ def cache_latent_moments(vae, dataset_dir: str | Path, records: list[dict], cach
             shape = (len(records), *moments[0].shape[1:])
             mean = np.lib.format.open_memmap(cache_dir / "latent_mean.npy", mode="w+", dtype=np.float32, shape=shape)
             std = np.lib.format.open_memmap(cache_dir / "latent_std.npy", mode="w+", dtype=np.float32, shape=shape)
-        mean[start:start + 64] = moments[0].cpu().numpy()
-        std[start:start + 64] = moments[1].cpu().numpy()
+        mean[start : start + 64] = moments[0].cpu().numpy()
+        std[start : start + 64] = moments[1].cpu().numpy()
     mean.flush()
     std.flush()
 
 
-def cache_prompt_embeddings(encode, prompts: list[str], cache_dir: Path, batch_size: int = 256) -> dict[str, np.ndarray]:
+def cache_prompt_embeddings(
+    encode, prompts: list[str], cache_dir: Path, batch_size: int = 256
+) -> dict[str, np.ndarray]:
     """Encode each distinct prompt once into memory-mapped float32 files `prompt_<name>.npy`.
 
     Args:
@@ -250,12 +278,16 @@ def cache_prompt_embeddings(encode, prompts: list[str], cache_dir: Path, batch_s
     cache_dir.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for start in range(0, len(prompts), batch_size):
-        for name, value in encode(prompts[start:start + batch_size]).items():
+        for name, value in encode(prompts[start : start + batch_size]).items():
             value = value.float().cpu().numpy()
             if start == 0:
-                arrays[name] = np.lib.format.open_memmap(cache_dir / f"prompt_{name}.npy", mode="w+", dtype=np.float32,
-                                                         shape=(len(prompts), *value.shape[1:]))
-            arrays[name][start:start + batch_size] = value
+                arrays[name] = np.lib.format.open_memmap(
+                    cache_dir / f"prompt_{name}.npy",
+                    mode="w+",
+                    dtype=np.float32,
+                    shape=(len(prompts), *value.shape[1:]),
+                )
+            arrays[name][start : start + batch_size] = value
     for array in arrays.values():
         array.flush()
     (cache_dir / "prompts.json").write_text(json.dumps(prompts))
@@ -267,14 +299,8 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(images, dtype=np.float32)) / 127.5 - 1
 
 
-def training_records(dataset_dir: str | Path, split: str = "train") -> list[dict]:
-    records = [r for r in read_metadata(dataset_dir) if r["split"] == split]
-    if not records:
-        raise ValueError(f"no '{split}' records in {dataset_dir}")
-    return records
-
-
 # ---------------------------------------------------------------- checkpoints
+
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The newest complete checkpoint (`step_NNNNNNN` with a `trainer_state.json`); half-written ones
@@ -282,8 +308,11 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return None
-    done = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "trainer_state.json").is_file())
+    done = sorted(
+        p
+        for p in checkpoint_dir.glob("step_*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file()
+    )
     return done[-1] if done else None
 
 
@@ -348,7 +377,9 @@ def ema_weights(ema, parameters):
         ema.restore(parameters)
 
 
-def save_validation_grid(pipeline, prompts: list[str], guidance_scale: float, steps: int, seed: int, path: Path) -> None:
+def save_validation_grid(
+    pipeline, prompts: list[str], guidance_scale: float, steps: int, seed: int, path: Path
+) -> None:
     """Sample each validation prompt twice with the pipeline as it is and save one grid image."""
     from medsyn.sampling import generate, image_grid
 

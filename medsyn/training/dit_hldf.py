@@ -37,22 +37,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsyn.data.dataset import split_records
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.sampling import load_pipeline
-from medsyn.training.common import (LORA_TARGETS, adamw, cache_images, cache_latent_moments, cache_prompt_embeddings,
-                                    diffusion_target, draw_batch, ema_weights, make_accelerator, micro_batch_size,
-                                    min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
-                                    save_validation_grid, to_model_range, training_records)
+from medsyn.training.common import (
+    LORA_TARGETS,
+    adamw,
+    add_lora,
+    cache_images,
+    cache_latent_moments,
+    cache_prompt_embeddings,
+    diffusion_target,
+    draw_batch,
+    ema_weights,
+    make_accelerator,
+    merge_adapters,
+    micro_batch_size,
+    min_snr_weights,
+    optimizer_step,
+    progress_bar,
+    resume_step,
+    save_checkpoint,
+    save_validation_grid,
+    to_model_range,
+)
 from medsyn.training.ldm_compact import SCHEDULE
 
 # ~1.9 M parameters: 6 blocks of width 128 over a 16 x 16 latent in 2 x 2 patches (64 tokens), small
 # enough for 2 CPU cores; PixArt-α itself is 28 blocks of width 1152
-TRANSFORMER_CONFIG = {"num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32, "patch_size": 2,
-                      "norm_type": "ada_norm_single", "use_additional_conditions": False}
+TRANSFORMER_CONFIG = {
+    "num_layers": 6,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "patch_size": 2,
+    "norm_type": "ada_norm_single",
+    "use_additional_conditions": False,
+}
 
 
-def build_pipeline(vae_dir: str | Path, text_encoder: str, text_encoder_path: str | None, latent_size: int,
-                   config: dict | None, prediction_type: str):
+def build_pipeline(
+    vae_dir: str | Path,
+    text_encoder: str,
+    text_encoder_path: str | None,
+    latent_size: int,
+    config: dict | None,
+    prediction_type: str,
+):
     """A new PixArtAlphaPipeline: a compact transformer around a trained VAE and a frozen text encoder.
 
     PixArt's pipeline encodes prompts with its tokenizer and passes the attention mask to the encoder
@@ -65,12 +95,18 @@ def build_pipeline(vae_dir: str | Path, text_encoder: str, text_encoder_path: st
     tokenizer.model_max_length = encoder.max_length
     cfg = {**TRANSFORMER_CONFIG, **(config or {})}
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    transformer = PixArtTransformer2DModel(sample_size=latent_size, in_channels=vae.config.latent_channels,
-                                           out_channels=vae.config.latent_channels, cross_attention_dim=width,
-                                           caption_channels=encoder.hidden_size, **cfg)
+    transformer = PixArtTransformer2DModel(
+        sample_size=latent_size,
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        cross_attention_dim=width,
+        caption_channels=encoder.hidden_size,
+        **cfg,
+    )
     scheduler = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=prediction_type, algorithm_type="dpmsolver++")
-    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_model, vae=vae, transformer=transformer,
-                               scheduler=scheduler)
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=text_model, vae=vae, transformer=transformer, scheduler=scheduler
+    )
 
 
 def load_pretrained(pretrained_dir: str | Path):
@@ -89,9 +125,13 @@ def encode_with_pipeline(pipeline, prompts: list[str], max_sequence_length: int 
     every prompt that fits: the encoder attends only to real tokens, and the transformer's
     cross-attention masks padding out."""
     with torch.no_grad():
-        hidden, mask, _, _ = pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                    device=pipeline.device, clean_caption=False,
-                                                    max_sequence_length=max_sequence_length)
+        hidden, mask, _, _ = pipeline.encode_prompt(
+            list(prompts),
+            do_classifier_free_guidance=False,
+            device=pipeline.device,
+            clean_caption=False,
+            max_sequence_length=max_sequence_length,
+        )
     return {"hidden_states": hidden, "attention_mask": mask}
 
 
@@ -122,38 +162,62 @@ def hldf_schedule(step: int, weight: float, start: int, ramp: int) -> float:
     return weight * min(1.0, (step - start + 1) / max(ramp, 1))
 
 
-def merge_lora(model, lora_dir: Path, rank: int):
+def save_lora(model, lora_dir: Path, rank: int, alpha: float | None) -> None:
     """Save the LoRA weights (peft's state-dict layout, `pytorch_lora_weights.safetensors`, which
-    `peft.set_peft_model_state_dict` loads back after `inject_adapter_in_model` with the same rank and
-    targets), then merge them into the base layers and return the model without adapter layers."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    `peft.set_peft_model_state_dict` loads back after `inject_adapter_in_model` with the same rank,
+    alpha and targets) and that configuration."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     lora_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
-              lora_dir / "pytorch_lora_weights.safetensors")
-    (lora_dir / "lora_config.json").write_text(json.dumps({"r": rank, "lora_alpha": rank, "target_modules": LORA_TARGETS}))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
-    return model
+    save_file(
+        {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
+        lora_dir / "pytorch_lora_weights.safetensors",
+    )
+    (lora_dir / "lora_config.json").write_text(
+        json.dumps({"r": rank, "lora_alpha": alpha or rank, "target_modules": LORA_TARGETS})
+    )
 
 
-def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path | None = None,
-              pretrained_dir: str | Path | None = None, text_encoder: str = "minilm",
-              text_encoder_path: str | None = None, max_sequence_length: int | None = None,
-              config: dict | None = None, steps: int = 2000,
-              batch_size: int = 32, gradient_accumulation_steps: int = 1, lr: float = 2e-5, lr_warmup_steps: int = 0,
-              lora_rank: int | None = None, ema_decay: float | None = 0.999, prediction_type: str = "v_prediction",
-              snr_gamma: float | None = 5.0, noise_offset: float = 0.0, caption_dropout: float = 0.1,
-              hldf_weight: float = 1.0, hldf_start: int = 0, hldf_ramp: int = 1, hldf_pixel_weight: float = 1.0,
-              hldf_colour_weight: float = 1.0, hldf_batch: int = 8, max_grad_norm: float = 1.0,
-              mixed_precision: str = "no", gradient_checkpointing: bool = False, checkpoint_every: int = 500,
-              validation_every: int = 500, validation_prompts: list[str] | None = None, guidance_scale: float = 4.5,
-              sampling_steps: int = 20, seed: int = 0, resume: bool = True, progress: bool = True) -> dict:
+def train_dit(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    vae_dir: str | Path | None = None,
+    pretrained_dir: str | Path | None = None,
+    text_encoder: str = "minilm",
+    text_encoder_path: str | None = None,
+    max_sequence_length: int | None = None,
+    config: dict | None = None,
+    steps: int = 2000,
+    batch_size: int = 32,
+    gradient_accumulation_steps: int = 1,
+    lr: float = 2e-5,
+    lr_warmup_steps: int = 0,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    ema_decay: float | None = 0.999,
+    prediction_type: str = "v_prediction",
+    snr_gamma: float | None = 5.0,
+    noise_offset: float = 0.0,
+    caption_dropout: float = 0.1,
+    hldf_weight: float = 1.0,
+    hldf_start: int = 0,
+    hldf_ramp: int = 1,
+    hldf_pixel_weight: float = 1.0,
+    hldf_colour_weight: float = 1.0,
+    hldf_batch: int = 8,
+    max_grad_norm: float = 1.0,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    checkpoint_every: int = 500,
+    validation_every: int = 500,
+    validation_prompts: list[str] | None = None,
+    guidance_scale: float = 4.5,
+    sampling_steps: int = 20,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
     """Train a PixArt-α transformer with the HLDF pixel term and save `<out_dir>/pipeline`.
 
     Args:
@@ -168,7 +232,8 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
         steps, batch_size, gradient_accumulation_steps: optimizer steps; images per optimizer step over
             all processes and micro-batches; micro-batches per step.
         lr, lr_warmup_steps: AdamW learning rate (PixArt-α's fine-tuning 2e-5), constant after warm-up.
-        lora_rank: train LoRA adapters of this rank on the attention projections only (None: all weights).
+        lora_rank, lora_alpha: train LoRA adapters of this rank and scale (default: the rank) on the attention
+            projections only (None: all weights).
         ema_decay: EMA of the trained weights, saved instead of the raw weights (None: no EMA).
         prediction_type: of a new transformer; a pretrained one keeps its scheduler's.
         snr_gamma: Min-SNR γ of the latent loss; None for plain MSE.
@@ -201,7 +266,7 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
     micro_batch = micro_batch_size(batch_size, gradient_accumulation_steps, world)
     set_seed(seed)
 
-    records = training_records(dataset_dir)
+    records = split_records(dataset_dir, "train")
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # the main process writes the cache, the others then read it
         images = cache_images(dataset_dir, records, cache / "train_images.npy")  # the pixel term's targets
@@ -212,8 +277,9 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
         from diffusers import AutoencoderKL
 
         levels = len(AutoencoderKL.load_config(require_dir(vae_dir))["block_out_channels"])
-        pipeline = build_pipeline(vae_dir, text_encoder, text_encoder_path, images.shape[-1] // 2 ** (levels - 1),
-                                  config, prediction_type)
+        pipeline = build_pipeline(
+            vae_dir, text_encoder, text_encoder_path, images.shape[-1] // 2 ** (levels - 1), config, prediction_type
+        )
         max_sequence_length = max_sequence_length or pipeline.tokenizer.model_max_length
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
@@ -225,9 +291,13 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
             cache_latent_moments(vae, dataset_dir, records, cache)
-            cache_prompt_embeddings(lambda batch: encode_with_pipeline(pipeline, batch, max_sequence_length),
-                                    [""] + prompts, cache)
-    latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
+            cache_prompt_embeddings(
+                lambda batch: encode_with_pipeline(pipeline, batch, max_sequence_length), [""] + prompts, cache
+            )
+    latent_mean, latent_std = (
+        np.load(cache / "latent_mean.npy", mmap_mode="r"),
+        np.load(cache / "latent_std.npy", mmap_mode="r"),
+    )
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     mask = np.load(cache / "prompt_attention_mask.npy", mmap_mode="r")
     prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the unconditional prompt
@@ -235,14 +305,7 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     transformer = pipeline.transformer.train()
-    if lora_rank:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        # diffusers gives PixArtTransformer2DModel no adapter methods; peft injects the layers directly
-        transformer.requires_grad_(False)
-        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS), transformer)
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    trainable = add_lora(transformer, lora_rank, lora_alpha) if lora_rank else list(transformer.parameters())
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -267,24 +330,40 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
         latent_total = pixel_total = 0.0
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
-            d = draw_batch(seed, draw, len(records), micro_batch, latent_mean.shape[1:],
-                           noise_scheduler.config.num_train_timesteps, caption_dropout, noise_offset, rank, world)
+            d = draw_batch(
+                seed,
+                draw,
+                len(records),
+                micro_batch,
+                latent_mean.shape[1:],
+                noise_scheduler.config.num_train_timesteps,
+                caption_dropout,
+                noise_offset,
+                rank,
+                world,
+            )
             device = accelerator.device
             latents = (torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) - shift) * scaling
             rows = np.where(d.dropped, 0, prompt_of[d.index])
             n = len(rows)
             added = {"resolution": None, "aspect_ratio": None}
             if conditions:
-                added = {"resolution": torch.tensor([[side, side]] * n, dtype=torch.float32, device=device),
-                         "aspect_ratio": torch.ones(n, 1, device=device)}
+                added = {
+                    "resolution": torch.tensor([[side, side]] * n, dtype=torch.float32, device=device),
+                    "aspect_ratio": torch.ones(n, 1, device=device),
+                }
             noisy = noise_scheduler.add_noise(latents, d.noise, d.timesteps).to(device)
             target = diffusion_target(noise_scheduler, latents, d.noise, d.timesteps).to(device)
             sync = micro == gradient_accumulation_steps - 1
             with nullcontext() if sync else accelerator.no_sync(transformer):
                 with accelerator.autocast():
-                    prediction = transformer(noisy, encoder_hidden_states=torch.from_numpy(hidden[rows]).to(device),
-                                             encoder_attention_mask=torch.from_numpy(mask[rows]).to(device),
-                                             timestep=d.timesteps.to(device), added_cond_kwargs=added).sample.float()
+                    prediction = transformer(
+                        noisy,
+                        encoder_hidden_states=torch.from_numpy(hidden[rows]).to(device),
+                        encoder_attention_mask=torch.from_numpy(mask[rows]).to(device),
+                        timestep=d.timesteps.to(device),
+                        added_cond_kwargs=added,
+                    ).sample.float()
                 if learned_sigma:  # PixArt-α also predicts a variance; the MSE trains the mean half
                     prediction = prediction.chunk(2, dim=1)[0]
                 per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
@@ -297,8 +376,9 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
                     x0 = x0_estimate(noise_scheduler, noisy[:k], prediction[:k], d.timesteps[:k].to(device))
                     decoded = vae.decode(x0 / scaling + shift).sample
                     real = to_model_range(images[d.index[:k]]).to(device)
-                    per_image = (hldf_pixel_weight * (decoded - real).abs().mean(dim=(1, 2, 3))
-                                 + hldf_colour_weight * colour_distribution_distance(decoded, real))
+                    per_image = hldf_pixel_weight * (decoded - real).abs().mean(
+                        dim=(1, 2, 3)
+                    ) + hldf_colour_weight * colour_distribution_distance(decoded, real)
                     signal = noise_scheduler.alphas_cumprod.to(device)[d.timesteps[:k].to(device)]
                     pixel = (signal * per_image).sum() / signal.sum()
                 accelerator.backward((loss + hldf * pixel) / gradient_accumulation_steps)
@@ -315,8 +395,14 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline.transformer = accelerator.unwrap_model(transformer).eval()
-                save_validation_grid(pipeline, validation_prompts, guidance_scale, sampling_steps, seed,
-                                     out_dir / "validation" / f"step_{done:07d}.png")
+                save_validation_grid(
+                    pipeline,
+                    validation_prompts,
+                    guidance_scale,
+                    sampling_steps,
+                    seed,
+                    out_dir / "validation" / f"step_{done:07d}.png",
+                )
                 transformer.train()
     bar.close()
 
@@ -326,10 +412,15 @@ def train_dit(dataset_dir: str | Path, out_dir: str | Path, vae_dir: str | Path 
         if accelerator.is_main_process:
             pipeline.transformer = final
             if lora_rank:
-                final = merge_lora(final, lora_dir, lora_rank)
-                pipeline.transformer = final
+                save_lora(final, lora_dir, lora_rank, lora_alpha)
+                pipeline.transformer = merge_adapters(final)
             pipeline.save_pretrained(pipeline_dir)
     accelerator.wait_for_everyone()
-    return {"pipeline_dir": pipeline_dir, "lora_dir": lora_dir, "steps": steps,
-            "trained_parameters": sum(p.numel() for p in trainable), "loss_history": history,
-            "pixel_history": pixel_history}
+    return {
+        "pipeline_dir": pipeline_dir,
+        "lora_dir": lora_dir,
+        "steps": steps,
+        "trained_parameters": sum(p.numel() for p in trainable),
+        "loss_history": history,
+        "pixel_history": pixel_history,
+    }

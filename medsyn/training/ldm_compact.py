@@ -15,28 +15,60 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsyn.data.dataset import split_records
 from medsyn.models.text_encoders import load_text_encoder, require_dir
-from medsyn.training.common import (adamw, batch_indices, cache_images, cache_latent_moments, cache_prompt_embeddings,
-                                    diffusion_target, draw_batch, ema_weights, make_accelerator, micro_batch_size,
-                                    min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
-                                    save_validation_grid, step_generator, to_model_range, training_records)
+from medsyn.training.common import (
+    adamw,
+    batch_indices,
+    cache_images,
+    cache_latent_moments,
+    cache_prompt_embeddings,
+    diffusion_target,
+    draw_batch,
+    ema_weights,
+    make_accelerator,
+    micro_batch_size,
+    min_snr_weights,
+    optimizer_step,
+    progress_bar,
+    resume_step,
+    save_checkpoint,
+    save_validation_grid,
+    step_generator,
+    to_model_range,
+)
 
 # A ~0.65 M-parameter VAE (x4 down-sampling, 4 latent channels) and a ~2 M-parameter U-Net: sizes that
 # learn the embedded classes on 2 CPU cores. The `paper` profile passes larger ones. Few channels per
 # norm group: with one channel per group (instance norm) the VAE lost each image's colour (measured:
 # colour L1 0.24 with 16 groups, 0.12 with 4).
-VAE_CONFIG = {"block_out_channels": [16, 32, 64], "layers_per_block": 1, "latent_channels": 4,
-              "norm_num_groups": 4, "mid_block_add_attention": False}
-UNET_CONFIG = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 8,
-               "norm_num_groups": 8,
-               "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+VAE_CONFIG = {
+    "block_out_channels": [16, 32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "mid_block_add_attention": False,
+}
+UNET_CONFIG = {
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
 # Stable Diffusion's noise schedule; v-prediction keeps few-step samplers bounded on small latents
-SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-            "steps_offset": 1}
+SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "steps_offset": 1,
+}
 
 
 # ---------------------------------------------------------------- the autoencoder
+
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017) as in the LDM autoencoder loss: a logit per overlapping patch.
@@ -73,15 +105,32 @@ def make_vae(image_size: int, config: dict | None = None):
 
     cfg = {**VAE_CONFIG, **(config or {})}
     levels = len(cfg["block_out_channels"])
-    return AutoencoderKL(in_channels=3, out_channels=3, sample_size=image_size,
-                         down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-                         **cfg)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        sample_size=image_size,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        **cfg,
+    )
 
 
-def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, batch_size: int = 16, lr: float = 1e-3,
-              kl_weight: float = 1e-6, adversarial_weight: float = 0.1, adversarial_start: int | None = None,
-              config: dict | None = None, seed: int = 0, checkpoint_every: int = 200, resume: bool = True,
-              mixed_precision: str = "no", progress: bool = True) -> dict:
+def train_vae(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 800,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    adversarial_weight: float = 0.1,
+    adversarial_start: int | None = None,
+    config: dict | None = None,
+    seed: int = 0,
+    checkpoint_every: int = 200,
+    resume: bool = True,
+    mixed_precision: str = "no",
+    progress: bool = True,
+) -> dict:
     """Train an AutoencoderKL on the training split: L1 reconstruction + KL + a PatchGAN hinge term.
 
     The adversarial term (LDM, Rombach et al. 2022, Appendix G) needs no downloaded weights, unlike
@@ -113,19 +162,23 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
     out_dir = Path(out_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     set_seed(seed)
-    records = training_records(dataset_dir)
+    records = split_records(dataset_dir, "train")
     if batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {batch_size} must split evenly over {accelerator.num_processes} processes")
     with accelerator.main_process_first():  # the main process writes the cache, the others then read it
         images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
     vae = make_vae(images.shape[-1], config)
-    latent_shape = (vae.config.latent_channels, *(n // 2 ** (len(vae.config.block_out_channels) - 1)
-                                                  for n in images.shape[-2:]))
+    latent_shape = (
+        vae.config.latent_channels,
+        *(n // 2 ** (len(vae.config.block_out_channels) - 1) for n in images.shape[-2:]),
+    )
     autoencode = _Autoencode(vae)
     discriminator = PatchDiscriminator()
     optimizer = adamw(autoencode.parameters(), lr=lr)
     d_optimizer = adamw(discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
-    autoencode, discriminator, optimizer, d_optimizer = accelerator.prepare(autoencode, discriminator, optimizer, d_optimizer)
+    autoencode, discriminator, optimizer, d_optimizer = accelerator.prepare(
+        autoencode, discriminator, optimizer, d_optimizer
+    )
     start = resume_step(accelerator, out_dir / "checkpoints", resume)
     adversarial_start = 3 * steps // 4 if adversarial_start is None else adversarial_start
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -158,8 +211,10 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
         optimizer.step()
         if adversarial:  # hinge loss of the discriminator on real images and detached reconstructions
             with accelerator.autocast():
-                d_loss = 0.5 * (torch.relu(1 - discriminator(x)).mean()
-                                + torch.relu(1 + discriminator(reconstruction.detach())).mean())
+                d_loss = 0.5 * (
+                    torch.relu(1 - discriminator(x)).mean()
+                    + torch.relu(1 + discriminator(reconstruction.detach())).mean()
+                )
             d_optimizer.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
             d_optimizer.step()
@@ -172,20 +227,25 @@ def train_vae(dataset_dir: str | Path, out_dir: str | Path, steps: int = 800, ba
 
     vae = accelerator.unwrap_model(autoencode).vae.eval()
     with torch.no_grad():
-        means = [vae.encode(to_model_range(images[i:i + 64])).latent_dist.mean for i in range(0, len(images), 64)]
+        means = [vae.encode(to_model_range(images[i : i + 64])).latent_dist.mean for i in range(0, len(images), 64)]
         scaling_factor = float(1 / torch.cat(means).std())
-        held_out = training_records(dataset_dir, "validation")
+        held_out = split_records(dataset_dir, "validation")
         val = cache_images(dataset_dir, held_out, out_dir / "cache" / "validation_images.npy")
         x = to_model_range(val[:64])
         validation_l1 = float((vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean())
     vae.register_to_config(scaling_factor=scaling_factor)
     if accelerator.is_main_process:
         vae.save_pretrained(out_dir / "vae")
-    return {"vae_dir": out_dir / "vae", "scaling_factor": scaling_factor, "validation_l1": validation_l1,
-            "l1_history": history}
+    return {
+        "vae_dir": out_dir / "vae",
+        "scaling_factor": scaling_factor,
+        "validation_l1": validation_l1,
+        "l1_history": history,
+    }
 
 
 # ---------------------------------------------------------------- the latent U-Net
+
 
 def build_pipeline(vae, encoder, unet, prediction_type: str):
     """A diffusers StableDiffusionPipeline around medsyn's components (DPM-Solver++ by default).
@@ -199,18 +259,46 @@ def build_pipeline(vae, encoder, unet, prediction_type: str):
     if encoder.kind in ("minilm", "bert"):
         text_model.config.use_attention_mask = True
     scheduler = DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=prediction_type, algorithm_type="dpmsolver++")
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_model, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_model,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
-def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path, text_encoder: str = "minilm",
-               text_encoder_path: str | None = None, config: dict | None = None, steps: int = 3000,
-               batch_size: int = 32, gradient_accumulation_steps: int = 1, lr: float = 1e-3, lr_warmup_steps: int = 100,
-               ema_decay: float = 0.999, prediction_type: str = "v_prediction", snr_gamma: float | None = 5.0,
-               noise_offset: float = 0.0, caption_dropout: float = 0.1, max_grad_norm: float = 1.0,
-               mixed_precision: str = "no", gradient_checkpointing: bool = False, checkpoint_every: int = 500,
-               validation_every: int = 500, validation_prompts: list[str] | None = None, guidance_scale: float = 4.0,
-               seed: int = 0, resume: bool = True, progress: bool = True) -> dict:
+def train_unet(
+    dataset_dir: str | Path,
+    vae_dir: str | Path,
+    out_dir: str | Path,
+    text_encoder: str = "minilm",
+    text_encoder_path: str | None = None,
+    config: dict | None = None,
+    steps: int = 3000,
+    batch_size: int = 32,
+    gradient_accumulation_steps: int = 1,
+    lr: float = 1e-3,
+    lr_warmup_steps: int = 100,
+    ema_decay: float = 0.999,
+    prediction_type: str = "v_prediction",
+    snr_gamma: float | None = 5.0,
+    noise_offset: float = 0.0,
+    caption_dropout: float = 0.1,
+    max_grad_norm: float = 1.0,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    checkpoint_every: int = 500,
+    validation_every: int = 500,
+    validation_prompts: list[str] | None = None,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
     """Train a cross-attention U-Net in the VAE's latent space and save the pipeline to `<out_dir>/pipeline`.
 
     Loss: MSE on the scheduler's target (v by default) with Min-SNR-γ weights; captions are replaced
@@ -258,22 +346,30 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     # frozen components and the on-disk caches they fill once
     vae = AutoencoderKL.from_pretrained(require_dir(vae_dir), local_files_only=True).eval().requires_grad_(False)
     encoder = load_text_encoder(text_encoder, text_encoder_path)
-    records = training_records(dataset_dir)
+    records = split_records(dataset_dir, "train")
     prompts = sorted({r["text"] for r in records})
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
             cache_latent_moments(vae, dataset_dir, records, cache)
-            cache_prompt_embeddings(lambda batch: {"hidden_states": encoder.encode(batch).hidden_states}, [""] + prompts,
-                                    cache)
-    latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
+            cache_prompt_embeddings(
+                lambda batch: {"hidden_states": encoder.encode(batch).hidden_states}, [""] + prompts, cache
+            )
+    latent_mean, latent_std = (
+        np.load(cache / "latent_mean.npy", mmap_mode="r"),
+        np.load(cache / "latent_std.npy", mmap_mode="r"),
+    )
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the empty prompt
     scaling = vae.config.scaling_factor
 
-    unet = UNet2DConditionModel(sample_size=latent_mean.shape[-1], in_channels=latent_mean.shape[1],
-                                out_channels=latent_mean.shape[1], cross_attention_dim=encoder.hidden_size,
-                                **{**UNET_CONFIG, **(config or {})})
+    unet = UNet2DConditionModel(
+        sample_size=latent_mean.shape[-1],
+        in_channels=latent_mean.shape[1],
+        out_channels=latent_mean.shape[1],
+        cross_attention_dim=encoder.hidden_size,
+        **{**UNET_CONFIG, **(config or {})},
+    )
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler(**SCHEDULE, prediction_type=prediction_type)
@@ -291,8 +387,18 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
     for step in range(start, steps):
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
-            d = draw_batch(seed, draw, len(records), micro_batch, latent_mean.shape[1:],
-                           noise_scheduler.config.num_train_timesteps, caption_dropout, noise_offset, rank, world)
+            d = draw_batch(
+                seed,
+                draw,
+                len(records),
+                micro_batch,
+                latent_mean.shape[1:],
+                noise_scheduler.config.num_train_timesteps,
+                caption_dropout,
+                noise_offset,
+                rank,
+                world,
+            )
             noise, timesteps = d.noise, d.timesteps
             latents = torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) * scaling
             encoder_hidden_states = torch.from_numpy(hidden[np.where(d.dropped, 0, prompt_of[d.index])])
@@ -300,12 +406,13 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             device = accelerator.device
             sync = micro == gradient_accumulation_steps - 1
-            with accelerator.autocast(), (nullcontext() if sync else accelerator.no_sync(unet)):
+            with accelerator.autocast(), nullcontext() if sync else accelerator.no_sync(unet):
                 prediction = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states.to(device)).sample
                 per_sample = ((prediction.float() - target.to(device)) ** 2).mean(dim=(1, 2, 3))
                 weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), snr_gamma, prediction_type)
                 loss = (weights.to(device) * per_sample).mean() / gradient_accumulation_steps
                 accelerator.backward(loss)
+        # Begin block "step bookkeeping" (each loop keeps a copy, marked; tests/test_house_rules.py compares them)
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
@@ -313,21 +420,26 @@ def train_unet(dataset_dir: str | Path, vae_dir: str | Path, out_dir: str | Path
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+        # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline = build_pipeline(vae, encoder, accelerator.unwrap_model(unet).eval(), prediction_type)
                 pipeline.set_progress_bar_config(disable=True)
-                save_validation_grid(pipeline, validation_prompts, guidance_scale, 25, seed,
-                                     out_dir / "validation" / f"step_{done:07d}.png")
+                save_validation_grid(
+                    pipeline,
+                    validation_prompts,
+                    guidance_scale,
+                    25,
+                    seed,
+                    out_dir / "validation" / f"step_{done:07d}.png",
+                )
                 unet.train()
     bar.close()
 
     pipeline_dir = out_dir / "pipeline"
     final = accelerator.unwrap_model(unet)
-    ema.store(final.parameters())
-    ema.copy_to(final.parameters())
-    if accelerator.is_main_process:
-        build_pipeline(vae, encoder, final, prediction_type).save_pretrained(pipeline_dir)
-    ema.restore(final.parameters())
+    with ema_weights(ema, final.parameters()):
+        if accelerator.is_main_process:
+            build_pipeline(vae, encoder, final, prediction_type).save_pretrained(pipeline_dir)
     accelerator.wait_for_everyone()
     return {"pipeline_dir": pipeline_dir, "steps": steps, "loss_history": history}

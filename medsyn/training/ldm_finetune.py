@@ -15,19 +15,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsyn.data.dataset import split_records
 from medsyn.sampling import load_pipeline
-from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
-                                    draw_batch, ema_weights, make_accelerator, merge_adapters, micro_batch_size,
-                                    min_snr_weights, optimizer_step, progress_bar, resume_step, save_checkpoint,
-                                    save_validation_grid, training_records)
+from medsyn.training.common import (
+    adamw,
+    add_lora,
+    cache_latent_moments,
+    cache_prompt_embeddings,
+    diffusion_target,
+    draw_batch,
+    ema_weights,
+    make_accelerator,
+    merge_adapters,
+    micro_batch_size,
+    min_snr_weights,
+    optimizer_step,
+    progress_bar,
+    resume_step,
+    save_checkpoint,
+    save_validation_grid,
+)
 
 
 def load_pretrained(pretrained_dir: str | Path):
     """A Stable Diffusion (1.x) or SDXL pipeline from a local directory; nothing reaches the network."""
     pipeline = load_pipeline(pretrained_dir)
     if not hasattr(pipeline, "unet"):
-        raise ValueError(f"{pretrained_dir} holds a {type(pipeline).__name__}; ldm-finetune trains U-Net pipelines "
-                         "(SD 1.x, SDXL). PixArt transformers are trained by medsyn.training.dit_hldf")
+        raise ValueError(
+            f"{pretrained_dir} holds a {type(pipeline).__name__}; ldm-finetune trains U-Net pipelines "
+            "(SD 1.x, SDXL). PixArt transformers are trained by medsyn.training.dit_hldf"
+        )
     return pipeline
 
 
@@ -39,8 +56,9 @@ def encode_with_pipeline(pipeline, prompts: list[str]) -> dict[str, torch.Tensor
     that is all zeros, not the encoded empty string."""
     with torch.no_grad():
         if is_sdxl(pipeline):
-            hidden, _, pooled, _ = pipeline.encode_prompt(prompt=list(prompts), device=pipeline.device, num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=False)
+            hidden, _, pooled, _ = pipeline.encode_prompt(
+                prompt=list(prompts), device=pipeline.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
             if pipeline.config.force_zeros_for_empty_prompt:
                 empty = torch.tensor([not p for p in prompts])
                 hidden, pooled = hidden.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
@@ -53,14 +71,33 @@ def is_sdxl(pipeline) -> bool:
     return hasattr(pipeline, "text_encoder_2")
 
 
-def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: str | Path, steps: int = 1000,
-                  batch_size: int = 16, gradient_accumulation_steps: int = 1, lr: float = 1e-5,
-                  lr_warmup_steps: int = 0, lora_rank: int | None = None, lora_alpha: float | None = None,
-                  ema_decay: float | None = None, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                  caption_dropout: float = 0.1, max_grad_norm: float = 1.0, mixed_precision: str = "no",
-                  gradient_checkpointing: bool = False, checkpoint_every: int = 500, validation_every: int = 500,
-                  validation_prompts: list[str] | None = None, guidance_scale: float = 7.0, sampling_steps: int = 25,
-                  seed: int = 0, resume: bool = True, progress: bool = True) -> dict:
+def finetune_unet(
+    dataset_dir: str | Path,
+    pretrained_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 1000,
+    batch_size: int = 16,
+    gradient_accumulation_steps: int = 1,
+    lr: float = 1e-5,
+    lr_warmup_steps: int = 0,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    ema_decay: float | None = None,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    caption_dropout: float = 0.1,
+    max_grad_norm: float = 1.0,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    checkpoint_every: int = 500,
+    validation_every: int = 500,
+    validation_prompts: list[str] | None = None,
+    guidance_scale: float = 7.0,
+    sampling_steps: int = 25,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
     """Fine-tune the U-Net of a local SD 1.x / SDXL pipeline; save the result to `<out_dir>/pipeline`.
 
     The defaults are MediSyn's recipe (full U-Net, MSE, constant LR 1e-5, 10 % caption dropout). The
@@ -110,14 +147,17 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     for name in ("vae", "text_encoder", "text_encoder_2"):
         if getattr(pipeline, name, None) is not None:
             getattr(pipeline, name).eval().requires_grad_(False)
-    records = training_records(dataset_dir)
+    records = split_records(dataset_dir, "train")
     prompts = sorted({r["text"] for r in records})
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
             cache_latent_moments(pipeline.vae, dataset_dir, records, cache)
             cache_prompt_embeddings(lambda batch: encode_with_pipeline(pipeline, batch), [""] + prompts, cache)
-    latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
+    latent_mean, latent_std = (
+        np.load(cache / "latent_mean.npy", mmap_mode="r"),
+        np.load(cache / "latent_std.npy", mmap_mode="r"),
+    )
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     pooled = np.load(cache / "prompt_pooled.npy", mmap_mode="r") if is_sdxl(pipeline) else None
     prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the unconditional prompt
@@ -125,9 +165,12 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     shift = getattr(pipeline.vae.config, "shift_factor", None) or 0.0
     if latent_mean.shape[-1] != pipeline.unet.config.sample_size:
         # e.g. SDXL (1024 px) fine-tuned on 512 px images: the saved pipeline samples at the trained size
-        warnings.warn(f"training at {latent_mean.shape[-1] * pipeline.vae_scale_factor} px; the pretrained U-Net's "
-                      f"default is {pipeline.unet.config.sample_size * pipeline.vae_scale_factor} px. The saved "
-                      "pipeline's default size will be the training size.")
+        warnings.warn(
+            f"training at {latent_mean.shape[-1] * pipeline.vae_scale_factor} px; the pretrained U-Net's "
+            f"default is {pipeline.unet.config.sample_size * pipeline.vae_scale_factor} px. The saved "
+            "pipeline's default size will be the training size.",
+            stacklevel=2,
+        )
         pipeline.unet.register_to_config(sample_size=latent_mean.shape[-1])
 
     unet = pipeline.unet.train()
@@ -153,24 +196,37 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     for step in range(start, steps):
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
-            d = draw_batch(seed, draw, len(records), micro_batch, latent_mean.shape[1:],
-                           noise_scheduler.config.num_train_timesteps, caption_dropout, noise_offset, rank, world)
+            d = draw_batch(
+                seed,
+                draw,
+                len(records),
+                micro_batch,
+                latent_mean.shape[1:],
+                noise_scheduler.config.num_train_timesteps,
+                caption_dropout,
+                noise_offset,
+                rank,
+                world,
+            )
             latents = (torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) - shift) * scaling
             rows = np.where(d.dropped, 0, prompt_of[d.index])
             device = accelerator.device
             conditioning = {"encoder_hidden_states": torch.from_numpy(hidden[rows]).to(device)}
             if pooled is not None:
-                conditioning["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled[rows]).to(device),
-                                                     "time_ids": time_ids.repeat(len(rows), 1).to(device)}
+                conditioning["added_cond_kwargs"] = {
+                    "text_embeds": torch.from_numpy(pooled[rows]).to(device),
+                    "time_ids": time_ids.repeat(len(rows), 1).to(device),
+                }
             noisy = noise_scheduler.add_noise(latents, d.noise, d.timesteps)
             target = diffusion_target(noise_scheduler, latents, d.noise, d.timesteps)
             sync = micro == gradient_accumulation_steps - 1
-            with accelerator.autocast(), (nullcontext() if sync else accelerator.no_sync(unet)):
+            with accelerator.autocast(), nullcontext() if sync else accelerator.no_sync(unet):
                 prediction = unet(noisy.to(device), d.timesteps.to(device), **conditioning).sample
                 per_sample = ((prediction.float() - target.to(device)) ** 2).mean(dim=(1, 2, 3))
                 weights = min_snr_weights(compute_snr(noise_scheduler, d.timesteps), snr_gamma, prediction_type)
                 loss = (weights.to(device) * per_sample).mean() / gradient_accumulation_steps
                 accelerator.backward(loss)
+        # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
@@ -178,11 +234,18 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+        # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline.unet = accelerator.unwrap_model(unet).eval()
-                save_validation_grid(pipeline, validation_prompts, guidance_scale, sampling_steps, seed,
-                                     out_dir / "validation" / f"step_{done:07d}.png")
+                save_validation_grid(
+                    pipeline,
+                    validation_prompts,
+                    guidance_scale,
+                    sampling_steps,
+                    seed,
+                    out_dir / "validation" / f"step_{done:07d}.png",
+                )
                 unet.train()
     bar.close()
 
@@ -196,8 +259,13 @@ def finetune_unet(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
                 merge_adapters(final)  # the saved U-Net is a plain U-Net
             pipeline.save_pretrained(pipeline_dir)
     accelerator.wait_for_everyone()
-    return {"pipeline_dir": pipeline_dir, "lora_dir": lora_dir, "steps": steps,
-            "trained_parameters": sum(p.numel() for p in trainable), "loss_history": history}
+    return {
+        "pipeline_dir": pipeline_dir,
+        "lora_dir": lora_dir,
+        "steps": steps,
+        "trained_parameters": sum(p.numel() for p in trainable),
+        "loss_history": history,
+    }
 
 
 def _save_lora(pipeline, unet, lora_dir: Path) -> None:

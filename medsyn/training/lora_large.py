@@ -27,18 +27,46 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medsyn.data.dataset import load_images, split_records
 from medsyn.sampling import load_pipeline
-from medsyn.training.common import (adamw, add_lora, cache_latent_moments, cache_prompt_embeddings, diffusion_target,
-                                    draw_batch, ema_weights, load_rgb, make_accelerator, merge_adapters,
-                                    micro_batch_size, min_snr_weights, optimizer_step, progress_bar, resume_step,
-                                    save_checkpoint, save_validation_grid, step_generator, training_records)
-
+from medsyn.training.common import (
+    adamw,
+    add_lora,
+    cache_latent_moments,
+    cache_prompt_embeddings,
+    diffusion_target,
+    draw_batch,
+    ema_weights,
+    make_accelerator,
+    merge_adapters,
+    micro_batch_size,
+    min_snr_weights,
+    optimizer_step,
+    progress_bar,
+    resume_step,
+    save_checkpoint,
+    save_validation_grid,
+    step_generator,
+)
 
 # diffusers' FLUX LoRA scripts' default: the joint blocks' attention (image and text streams) and
 # feed-forwards, the single blocks' MLP and output projections
-FLUX_LORA_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
-                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                     "ff_context.net.2", "proj_mlp", "proj_out"]
+FLUX_LORA_TARGETS = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+]
 
 
 def load_local(pretrained_dir: str | Path, expected: str):
@@ -57,9 +85,16 @@ def combine_kandinsky(prior_dir: str | Path, decoder_dir: str | Path, out_dir: s
     prior = load_local(prior_dir, "KandinskyV22PriorPipeline")
     decoder = load_local(decoder_dir, "KandinskyV22Pipeline")
     combined = KandinskyV22CombinedPipeline(
-        unet=decoder.unet, scheduler=decoder.scheduler, movq=decoder.movq, prior_prior=prior.prior,
-        prior_image_encoder=prior.image_encoder, prior_text_encoder=prior.text_encoder, prior_tokenizer=prior.tokenizer,
-        prior_scheduler=prior.scheduler, prior_image_processor=prior.image_processor)
+        unet=decoder.unet,
+        scheduler=decoder.scheduler,
+        movq=decoder.movq,
+        prior_prior=prior.prior,
+        prior_image_encoder=prior.image_encoder,
+        prior_text_encoder=prior.text_encoder,
+        prior_tokenizer=prior.tokenizer,
+        prior_scheduler=prior.scheduler,
+        prior_image_processor=prior.image_processor,
+    )
     combined.save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -80,22 +115,47 @@ def _optimisation(trainable, lr: float, lr_warmup_steps: int, ema_decay: float |
 
 # ---------------------------------------------------------------- FLUX
 
+
 def encode_flux(pipeline, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
     """T5 token states and CLIP's pooled embedding, exactly as `FluxPipeline` computes them."""
     with torch.no_grad():
-        hidden, pooled, _ = pipeline.encode_prompt(prompt=list(prompts), prompt_2=None, device=pipeline.device,
-                                                   num_images_per_prompt=1, max_sequence_length=max_sequence_length)
+        hidden, pooled, _ = pipeline.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            device=pipeline.device,
+            num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length,
+        )
     return {"hidden_states": hidden, "pooled": pooled}
 
 
-def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: str | Path, steps: int = 1000,
-                  batch_size: int = 4, gradient_accumulation_steps: int = 1, lr: float = 1e-4, lr_warmup_steps: int = 0,
-                  lora_rank: int = 16, lora_alpha: float | None = None, guidance: float = 1.0,
-                  max_sequence_length: int = 512, caption_dropout: float = 0.0, ema_decay: float | None = None,
-                  max_grad_norm: float = 1.0, mixed_precision: str = "no", gradient_checkpointing: bool = False,
-                  checkpoint_every: int = 500, validation_every: int = 500, validation_prompts: list[str] | None = None,
-                  guidance_scale: float = 3.5, sampling_steps: int = 28, seed: int = 0, resume: bool = True,
-                  progress: bool = True) -> dict:
+def finetune_flux(
+    dataset_dir: str | Path,
+    pretrained_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 1000,
+    batch_size: int = 4,
+    gradient_accumulation_steps: int = 1,
+    lr: float = 1e-4,
+    lr_warmup_steps: int = 0,
+    lora_rank: int = 16,
+    lora_alpha: float | None = None,
+    guidance: float = 1.0,
+    max_sequence_length: int = 512,
+    caption_dropout: float = 0.0,
+    ema_decay: float | None = None,
+    max_grad_norm: float = 1.0,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    checkpoint_every: int = 500,
+    validation_every: int = 500,
+    validation_prompts: list[str] | None = None,
+    guidance_scale: float = 3.5,
+    sampling_steps: int = 28,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
     """Train LoRA adapters on a local FLUX.1 transformer with the rectified-flow loss; save `<out_dir>/pipeline`.
 
     Args:
@@ -129,14 +189,19 @@ def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     pipeline = load_local(pretrained_dir, "FluxPipeline").to(accelerator.device)
     _frozen(pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2)
     pipeline.tokenizer_2.model_max_length = max_sequence_length  # what the saved pipeline samples with
-    records = training_records(dataset_dir)
+    records = split_records(dataset_dir, "train")
     prompts = sorted({r["text"] for r in records})
     cache = out_dir / "cache"
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             cache_latent_moments(pipeline.vae, dataset_dir, records, cache)
-            cache_prompt_embeddings(lambda batch: encode_flux(pipeline, batch, max_sequence_length), [""] + prompts, cache)
-    latent_mean, latent_std = np.load(cache / "latent_mean.npy", mmap_mode="r"), np.load(cache / "latent_std.npy", mmap_mode="r")
+            cache_prompt_embeddings(
+                lambda batch: encode_flux(pipeline, batch, max_sequence_length), [""] + prompts, cache
+            )
+    latent_mean, latent_std = (
+        np.load(cache / "latent_mean.npy", mmap_mode="r"),
+        np.load(cache / "latent_std.npy", mmap_mode="r"),
+    )
     hidden, pooled = (np.load(cache / f"prompt_{name}.npy", mmap_mode="r") for name in ("hidden_states", "pooled"))
     prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])
     channels, height, width = latent_mean.shape[1:]
@@ -166,8 +231,18 @@ def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
     for step in range(start, steps):
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro
-            d = draw_batch(seed, draw, len(records), micro_batch, latent_mean.shape[1:], len(sigmas), caption_dropout,
-                           0.0, rank, world)
+            d = draw_batch(
+                seed,
+                draw,
+                len(records),
+                micro_batch,
+                latent_mean.shape[1:],
+                len(sigmas),
+                caption_dropout,
+                0.0,
+                rank,
+                world,
+            )
             latents = (torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) - shift) * scaling
             sigma = sigmas[d.timesteps].view(-1, 1, 1, 1)
             noisy = (1 - sigma) * latents + sigma * d.noise
@@ -175,18 +250,26 @@ def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
             rows = np.where(d.dropped, 0, prompt_of[d.index])
             n = len(rows)
             sync = micro == gradient_accumulation_steps - 1
-            with accelerator.autocast(), (nullcontext() if sync else accelerator.no_sync(transformer)):
+            with accelerator.autocast(), nullcontext() if sync else accelerator.no_sync(transformer):
                 packed = pipeline._pack_latents(noisy.to(device), n, channels, height, width)
                 prediction = transformer(
-                    hidden_states=packed, timestep=sigma.flatten().to(device),
+                    hidden_states=packed,
+                    timestep=sigma.flatten().to(device),
                     guidance=torch.full((n,), guidance, device=device) if guided else None,
                     pooled_projections=torch.from_numpy(pooled[rows]).to(device),
                     encoder_hidden_states=torch.from_numpy(hidden[rows]).to(device),
-                    txt_ids=text_ids, img_ids=image_ids).sample
-                prediction = pipeline._unpack_latents(prediction, height * pipeline.vae_scale_factor,
-                                                      width * pipeline.vae_scale_factor, pipeline.vae_scale_factor)
+                    txt_ids=text_ids,
+                    img_ids=image_ids,
+                ).sample
+                prediction = pipeline._unpack_latents(
+                    prediction,
+                    height * pipeline.vae_scale_factor,
+                    width * pipeline.vae_scale_factor,
+                    pipeline.vae_scale_factor,
+                )
                 loss = ((prediction.float() - target.to(device)) ** 2).mean() / gradient_accumulation_steps
                 accelerator.backward(loss)
+        # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
@@ -194,12 +277,19 @@ def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+        # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline.transformer = accelerator.unwrap_model(transformer).eval()
                 pipeline.transformer.register_to_config(sample_size=height)
-                save_validation_grid(pipeline, validation_prompts, guidance_scale, sampling_steps, seed,
-                                     out_dir / "validation" / f"step_{done:07d}.png")
+                save_validation_grid(
+                    pipeline,
+                    validation_prompts,
+                    guidance_scale,
+                    sampling_steps,
+                    seed,
+                    out_dir / "validation" / f"step_{done:07d}.png",
+                )
                 transformer.train()
     bar.close()
 
@@ -215,11 +305,17 @@ def finetune_flux(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: 
             pipeline.transformer = final
             pipeline.save_pretrained(pipeline_dir)
     accelerator.wait_for_everyone()
-    return {"pipeline_dir": pipeline_dir, "lora_dir": lora_dir, "steps": steps,
-            "trained_parameters": sum(p.numel() for p in trainable), "loss_history": history}
+    return {
+        "pipeline_dir": pipeline_dir,
+        "lora_dir": lora_dir,
+        "steps": steps,
+        "trained_parameters": sum(p.numel() for p in trainable),
+        "loss_history": history,
+    }
 
 
 # ---------------------------------------------------------------- Kandinsky 2.2
+
 
 def encode_kandinsky_prompts(pipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
     """The prior's text conditioning (projected CLIP text embedding, token states, attention mask),
@@ -236,27 +332,47 @@ def cache_image_embeddings(pipeline, dataset_dir: str | Path, records: list[dict
     path = cache_dir / "image_embeds.npy"
     encoder, processor = pipeline.prior_image_encoder, pipeline.prior_image_processor
     for start in range(0, len(records), 64):
-        images = [Image.fromarray(load_rgb(Path(dataset_dir) / r["file_name"])) for r in records[start:start + 64]]
+        images = [Image.fromarray(image) for image in load_images(dataset_dir, records[start : start + 64])]
         with torch.no_grad():
             pixels = processor(images, return_tensors="pt").pixel_values.to(pipeline.device, encoder.dtype)
             embeds = encoder(pixels).image_embeds.float().cpu().numpy()
         if start == 0:
             array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(records), embeds.shape[1]))
-        array[start:start + 64] = embeds
+        array[start : start + 64] = embeds
     array.flush()
     with torch.no_grad():
-        np.save(cache_dir / "zero_embed.npy", pipeline.prior_pipe.get_zero_embed(1, pipeline.device).float().cpu().numpy())
+        np.save(
+            cache_dir / "zero_embed.npy", pipeline.prior_pipe.get_zero_embed(1, pipeline.device).float().cpu().numpy()
+        )
     return np.load(path, mmap_mode="r")
 
 
-def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_dir: str | Path, steps: int = 1000,
-                       batch_size: int = 8, gradient_accumulation_steps: int = 1, lr: float = 1e-4,
-                       lr_warmup_steps: int = 0, lora_rank: int = 4, lora_alpha: float | None = None,
-                       train_prior: bool = True, caption_dropout: float = 0.1, snr_gamma: float | None = None,
-                       ema_decay: float | None = None, max_grad_norm: float = 1.0, mixed_precision: str = "no",
-                       checkpoint_every: int = 500, validation_every: int = 500,
-                       validation_prompts: list[str] | None = None, guidance_scale: float = 4.0,
-                       sampling_steps: int = 25, seed: int = 0, resume: bool = True, progress: bool = True) -> dict:
+def finetune_kandinsky(
+    dataset_dir: str | Path,
+    pretrained_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 1000,
+    batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    lr: float = 1e-4,
+    lr_warmup_steps: int = 0,
+    lora_rank: int = 4,
+    lora_alpha: float | None = None,
+    train_prior: bool = True,
+    caption_dropout: float = 0.1,
+    snr_gamma: float | None = None,
+    ema_decay: float | None = None,
+    max_grad_norm: float = 1.0,
+    mixed_precision: str = "no",
+    checkpoint_every: int = 500,
+    validation_every: int = 500,
+    validation_prompts: list[str] | None = None,
+    guidance_scale: float = 4.0,
+    sampling_steps: int = 25,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
     """Train LoRA adapters on a local Kandinsky 2.2 decoder (and prior); save `<out_dir>/pipeline`.
 
     Args:
@@ -288,7 +404,7 @@ def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_
 
     pipeline = load_local(pretrained_dir, "KandinskyV22CombinedPipeline").to(accelerator.device)
     _frozen(pipeline.movq, pipeline.prior_image_encoder, pipeline.prior_text_encoder)
-    records = training_records(dataset_dir)
+    records = split_records(dataset_dir, "train")
     prompts = sorted({r["text"] for r in records})
     cache = out_dir / "cache"
     with accelerator.main_process_first():
@@ -298,8 +414,9 @@ def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_
             cache_prompt_embeddings(lambda batch: encode_kandinsky_prompts(pipeline, batch), [""] + prompts, cache)
     latents_all = np.load(cache / "latent_mean.npy", mmap_mode="r")  # MoVQ encodes deterministically
     image_embeds, zero_embed = np.load(cache / "image_embeds.npy", mmap_mode="r"), np.load(cache / "zero_embed.npy")
-    text_embeds, text_hidden, text_mask = (np.load(cache / f"prompt_{name}.npy", mmap_mode="r")
-                                           for name in ("text_embeds", "hidden_states", "mask"))
+    text_embeds, text_hidden, text_mask = (
+        np.load(cache / f"prompt_{name}.npy", mmap_mode="r") for name in ("text_embeds", "hidden_states", "mask")
+    )
     prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])
     channels = latents_all.shape[1]
 
@@ -326,28 +443,62 @@ def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_
     for step in range(start, steps):
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro
-            d = draw_batch(seed, draw, len(records), micro_batch, latents_all.shape[1:],
-                           decoder_schedule.config.num_train_timesteps, caption_dropout, 0.0, rank, world)
+            d = draw_batch(
+                seed,
+                draw,
+                len(records),
+                micro_batch,
+                latents_all.shape[1:],
+                decoder_schedule.config.num_train_timesteps,
+                caption_dropout,
+                0.0,
+                rank,
+                world,
+            )
             latents = torch.from_numpy(latents_all[d.index])
             embeds = torch.from_numpy(np.where(d.dropped[:, None], zero_embed, image_embeds[d.index]))
             noisy = decoder_schedule.add_noise(latents, d.noise, d.timesteps)
             target = diffusion_target(decoder_schedule, latents, d.noise, d.timesteps)
             sync = micro == gradient_accumulation_steps - 1
             models = (unet, prior) if train_prior else (unet,)
-            with accelerator.autocast(), (nullcontext() if sync else accelerator.no_sync(unet)), \
-                    (nullcontext() if sync or not train_prior else accelerator.no_sync(prior)):
-                prediction = unet(noisy.to(device), d.timesteps.to(device), encoder_hidden_states=None,
-                                  added_cond_kwargs={"image_embeds": embeds.to(device)}).sample[:, :channels]
+            with (
+                accelerator.autocast(),
+                nullcontext() if sync else accelerator.no_sync(unet),
+                nullcontext() if sync or not train_prior else accelerator.no_sync(prior),
+            ):
+                prediction = unet(
+                    noisy.to(device),
+                    d.timesteps.to(device),
+                    encoder_hidden_states=None,
+                    added_cond_kwargs={"image_embeds": embeds.to(device)},
+                ).sample[:, :channels]
                 per_sample = ((prediction.float() - target.to(device)) ** 2).mean(dim=(1, 2, 3))
-                weights = min_snr_weights(compute_snr(decoder_schedule, d.timesteps), snr_gamma,
-                                          decoder_schedule.config.prediction_type)
+                weights = min_snr_weights(
+                    compute_snr(decoder_schedule, d.timesteps), snr_gamma, decoder_schedule.config.prediction_type
+                )
                 loss = (weights.to(device) * per_sample).mean()
                 if train_prior:
-                    loss = loss + _prior_loss(prior, prior_schedule, seed, draw, micro_batch, rank, world, d,
-                                              image_embeds, clip_mean, clip_std, text_embeds, text_hidden, text_mask,
-                                              prompt_of, device)
+                    loss = loss + _prior_loss(
+                        prior,
+                        prior_schedule,
+                        seed,
+                        draw,
+                        micro_batch,
+                        rank,
+                        world,
+                        d,
+                        image_embeds,
+                        clip_mean,
+                        clip_std,
+                        text_embeds,
+                        text_hidden,
+                        text_mask,
+                        prompt_of,
+                        device,
+                    )
                 loss = loss / gradient_accumulation_steps
                 accelerator.backward(loss)
+        # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
         bar.update(1)
@@ -355,13 +506,20 @@ def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+        # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 for model in models:
                     accelerator.unwrap_model(model).eval()
                 pipeline.unet.register_to_config(sample_size=latents_all.shape[-1])
-                save_validation_grid(pipeline, validation_prompts, guidance_scale, sampling_steps, seed,
-                                     out_dir / "validation" / f"step_{done:07d}.png")
+                save_validation_grid(
+                    pipeline,
+                    validation_prompts,
+                    guidance_scale,
+                    sampling_steps,
+                    seed,
+                    out_dir / "validation" / f"step_{done:07d}.png",
+                )
                 for model in models:
                     model.train()
     bar.close()
@@ -379,12 +537,33 @@ def finetune_kandinsky(dataset_dir: str | Path, pretrained_dir: str | Path, out_
             finals["decoder"].register_to_config(sample_size=latents_all.shape[-1])  # sample at the trained size
             pipeline.save_pretrained(pipeline_dir)
     accelerator.wait_for_everyone()
-    return {"pipeline_dir": pipeline_dir, "lora_dir": lora_dir, "steps": steps,
-            "trained_parameters": sum(p.numel() for p in trainable), "loss_history": history}
+    return {
+        "pipeline_dir": pipeline_dir,
+        "lora_dir": lora_dir,
+        "steps": steps,
+        "trained_parameters": sum(p.numel() for p in trainable),
+        "loss_history": history,
+    }
 
 
-def _prior_loss(prior, schedule, seed, draw, batch_size, rank, world, d, image_embeds, clip_mean, clip_std,
-                text_embeds, text_hidden, text_mask, prompt_of, device) -> torch.Tensor:
+def _prior_loss(
+    prior,
+    schedule,
+    seed,
+    draw,
+    batch_size,
+    rank,
+    world,
+    d,
+    image_embeds,
+    clip_mean,
+    clip_std,
+    text_embeds,
+    text_hidden,
+    text_mask,
+    prompt_of,
+    device,
+) -> torch.Tensor:
     """MSE of the prior's x_0 prediction of the (CLIP-normalised) image embedding of each sample's image
     from its caption (the empty prompt where the caption was dropped), as diffusers' prior script trains it."""
     mine = slice(rank, None, world)
@@ -395,8 +574,11 @@ def _prior_loss(prior, schedule, seed, draw, batch_size, rank, world, d, image_e
     target = (torch.from_numpy(image_embeds[d.index]) - clip_mean) / clip_std
     noisy = schedule.add_noise(target, noise, timesteps)
     rows = np.where(d.dropped, 0, prompt_of[d.index])
-    prediction = prior(noisy.to(device), timestep=timesteps.to(device),
-                       proj_embedding=torch.from_numpy(text_embeds[rows]).to(device),
-                       encoder_hidden_states=torch.from_numpy(text_hidden[rows]).to(device),
-                       attention_mask=torch.from_numpy(text_mask[rows]).bool().to(device)).predicted_image_embedding
+    prediction = prior(
+        noisy.to(device),
+        timestep=timesteps.to(device),
+        proj_embedding=torch.from_numpy(text_embeds[rows]).to(device),
+        encoder_hidden_states=torch.from_numpy(text_hidden[rows]).to(device),
+        attention_mask=torch.from_numpy(text_mask[rows]).bool().to(device),
+    ).predicted_image_embedding
     return ((prediction.float() - target.to(device)) ** 2).mean()

@@ -1,13 +1,13 @@
-"""Figures and tables of the training notebooks: loss curves, reconstructions, per-class alignment tables."""
+"""Figures of the training notebooks: loss curves and reconstructions."""
 
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import torch
 
-from medsyn.training.common import load_rgb, to_model_range
+from medsyn.data.dataset import load_images
+from medsyn.training.common import to_model_range
 
 
 def plot_loss(history: list[float] | dict[str, list[float]], title: str, smooth: int = 50):
@@ -18,7 +18,7 @@ def plot_loss(history: list[float] | dict[str, list[float]], title: str, smooth:
         steps = np.arange(1, len(values) + 1)
         ax.plot(steps, values, color="#4C72B0", alpha=0.3, lw=0.8)
         if len(values) >= smooth:
-            ax.plot(steps[smooth - 1:], np.convolve(values, np.ones(smooth) / smooth, mode="valid"), color="#4C72B0")
+            ax.plot(steps[smooth - 1 :], np.convolve(values, np.ones(smooth) / smooth, mode="valid"), color="#4C72B0")
         if min(values, default=0) > 0:
             ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -35,7 +35,7 @@ def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: 
 
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
     picked = records[:: max(1, len(records) // n)][:n]
-    x = to_model_range(np.stack([load_rgb(Path(dataset_dir) / r["file_name"]).transpose(2, 0, 1) for r in picked]))
+    x = to_model_range(load_images(dataset_dir, picked).transpose(0, 3, 1, 2))
     y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     fig, axes = plt.subplots(2, len(picked), figsize=(1.2 * len(picked), 2.6))
     for i in range(len(picked)):
@@ -46,10 +46,3 @@ def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: 
     axes[1, 0].set_title("reconstructed", fontsize=8, loc="left")
     fig.tight_layout()
     return fig
-
-
-def alignment_table(result: dict, family: str) -> pd.DataFrame:
-    """Per-class accuracy of a probe on generated images, with the macro mean as the last row."""
-    table = pd.DataFrame({"class": list(result["per_class"]), family: list(result["per_class"].values())})
-    macro = pd.DataFrame({"class": ["macro mean"], family: [result["macro_accuracy"]]})
-    return pd.concat([table, macro], ignore_index=True).set_index("class")
