@@ -11,12 +11,14 @@ an answer is stored only when its reader id, token, class and confidence are all
 `reader_table` joins the answers with the key for the report.
 """
 
+import hashlib
 import json
+import os
 import re
 import secrets
-import shutil
 import threading
 import time
+import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +26,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from medsyn.data.dataset import class_key, class_prompts, image_path, split_records
 
@@ -59,12 +62,20 @@ def build_study(
     key_file, tokens = {}, []
     for path, source, family, cls in chosen:
         token = secrets.token_hex(8)
-        shutil.copyfile(path, out_dir / "images" / f"{token}.png")
+        write_blinded_png(path, out_dir / "images" / f"{token}.png")
         key_file[token] = {"source": source, "family": family, "class": cls}
         tokens.append(token)
     (out_dir / "key.json").write_text(json.dumps(key_file, indent=1))
     (out_dir / "study.json").write_text(json.dumps({"classes": list(prompts), "images": sorted(tokens)}, indent=1))
     return out_dir
+
+
+def write_blinded_png(source: str | Path, target: str | Path) -> None:
+    """Re-encode an image as every study image is: 8-bit RGB PNG from a fresh pixel array (no text,
+    gamma or colour-profile chunks carried over), with the same encoder settings. A real greyscale
+    PNG copied as it is would say "real" in its header (colour type 0) to anyone who looks."""
+    pixels = np.asarray(Image.open(source).convert("RGB"))
+    Image.fromarray(pixels).save(target, format="PNG", compress_level=6)
 
 
 PAGE = """<!doctype html>
@@ -116,7 +127,9 @@ document.getElementById('answer').addEventListener('submit', async (e) => {
 
 
 class _Study:
-    """What the server knows: the public study, the key (for validation only) and the answers so far."""
+    """What the server knows: the public study, the key (for validation only) and the answers so far,
+    read once at start (a torn line, from a server killed while writing, is skipped with a warning)
+    and kept in memory; each new answer is appended under a lock."""
 
     def __init__(self, study_dir: Path, responses: Path):
         self.dir = study_dir
@@ -125,20 +138,61 @@ class _Study:
         self.classes = set(self.public["classes"])
         self.responses = responses
         self.lock = threading.Lock()
+        self.done: dict[str, set[str]] = {}
+        for answer in read_answers(responses):
+            self.done.setdefault(answer["reader"], set()).add(answer["image"])
+        if responses.exists() and responses.stat().st_size and not responses.read_bytes().endswith(b"\n"):
+            with open(responses, "a") as f:  # close a torn last line, so the next answer starts a line of its own
+                f.write("\n")
 
     def answered(self, reader: str) -> set[str]:
-        if not self.responses.exists():
-            return set()
-        return {a["image"] for a in map(json.loads, self.responses.read_text().splitlines()) if a["reader"] == reader}
+        with self.lock:
+            return set(self.done.get(reader, ()))
+
+    def store(self, answer: dict) -> bool:
+        """Append an answer unless this reader has answered this image; False if it had."""
+        with self.lock:
+            if answer["image"] in self.done.get(answer["reader"], ()):
+                return False
+            line = json.dumps({**answer, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+            with open(self.responses, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            self.done.setdefault(answer["reader"], set()).add(answer["image"])
+            return True
 
     def order(self, reader: str) -> list[str]:
-        """Each reader's own shuffled order, the same on every visit."""
-        seed = int.from_bytes(reader.encode(), "little") % 2**32
+        """Each reader's own shuffled order, the same on every visit, seeded by a hash of the whole id
+        (so `reader_1` and `reader_2` see different orders)."""
+        seed = int.from_bytes(hashlib.sha256(reader.encode()).digest()[:8], "little")
         return [self.public["images"][i] for i in np.random.default_rng(seed).permutation(len(self.public["images"]))]
+
+
+def read_answers(path: Path) -> list[dict]:
+    """The answers in a responses file; a line that is not a complete answer (a torn write) is skipped
+    with a warning naming its line number, never an error for everyone."""
+    if not path.exists():
+        return []
+    answers = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            answer = json.loads(line)
+            if not isinstance(answer, dict) or not {"reader", "image", "class", "confidence"} <= set(answer):
+                raise ValueError("not an answer")
+        except ValueError:
+            warnings.warn(f"{path}: line {number} is not a complete answer (a torn write?); skipped", stacklevel=2)
+            continue
+        answers.append(answer)
+    return answers
 
 
 def _handler(study: _Study):
     class Handler(BaseHTTPRequestHandler):
+        timeout = 15  # seconds a connection may sit idle: a slow or stalled client does not hold a thread forever
+
         def log_message(self, *args):  # answers go to the responses file, not to a log
             pass
 
@@ -181,32 +235,37 @@ def _handler(study: _Study):
         def do_POST(self):
             if self.path != "/api/answer":
                 return self._refuse(HTTPStatus.NOT_FOUND, "not found")
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= 4096:
-                return self._refuse(HTTPStatus.BAD_REQUEST, "an answer is a small JSON object")
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit() or not 0 < int(length) <= 4096:
+                return self._refuse(HTTPStatus.BAD_REQUEST, "an answer is a small JSON object with a Content-Length")
             try:
-                answer = json.loads(self.rfile.read(length))
-            except ValueError:
+                answer = json.loads(self.rfile.read(int(length)))
+            except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
                 return self._refuse(HTTPStatus.BAD_REQUEST, "not JSON")
             if not isinstance(answer, dict) or set(answer) != {"reader", "image", "class", "confidence"}:
                 return self._refuse(HTTPStatus.BAD_REQUEST, "fields: reader, image, class, confidence")
             checks = [
                 (isinstance(answer["reader"], str) and READER.fullmatch(answer["reader"]), "reader id"),
-                (answer["image"] in study.tokens, "image"),
-                (answer["class"] in study.classes, "class"),
+                (isinstance(answer["image"], str) and answer["image"] in study.tokens, "image"),
+                (isinstance(answer["class"], str) and answer["class"] in study.classes, "class"),
                 (type(answer["confidence"]) is int and 1 <= answer["confidence"] <= 5, "confidence (1-5)"),
             ]
             for ok, what in checks:
                 if not ok:
                     return self._refuse(HTTPStatus.BAD_REQUEST, f"invalid {what}")
-            with study.lock:
-                if answer["image"] in study.answered(answer["reader"]):
-                    return self._refuse(HTTPStatus.CONFLICT, "this reader has answered this image")
-                with open(study.responses, "a") as f:
-                    f.write(json.dumps({**answer, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            if not study.store(answer):
+                return self._refuse(HTTPStatus.CONFLICT, "this reader has answered this image")
             return self._json({"stored": True})
 
     return Handler
+
+
+class _StudyServer(ThreadingHTTPServer):
+    """A thread per connection, daemon threads, and a listen queue deep enough for a room of readers
+    submitting at once (the standard library's default of 5 resets the rest)."""
+
+    request_queue_size = 512
+    daemon_threads = True
 
 
 def serve(
@@ -217,7 +276,7 @@ def serve(
     (`server.server_address`). Answers go to `responses` (default `<study_dir>/responses.jsonl`)."""
     study_dir = Path(study_dir)
     study = _Study(study_dir, Path(responses) if responses else study_dir / "responses.jsonl")
-    server = ThreadingHTTPServer((host, port), _handler(study))
+    server = _StudyServer((host, port), _handler(study))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -228,7 +287,7 @@ def reader_table(study_dir: str | Path, responses: str | Path | None = None) -> 
     study_dir = Path(study_dir)
     key = json.loads((study_dir / "key.json").read_text())
     path = Path(responses) if responses else study_dir / "responses.jsonl"
-    answers = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    answers = read_answers(path)
     rows = [
         {
             "family": key[a["image"]]["family"],
@@ -270,10 +329,6 @@ def main(argv=None) -> None:
         server.shutdown()
 
 
-if __name__ == "__main__":
-    main()
-
-
 def plot_reader_study(table: pd.DataFrame, study_dir: str | Path):
     """MediSyn Fig. 3: per image source, the share of images whose class the readers named correctly
     and their mean confidence; with no answers yet, how to collect them."""
@@ -309,3 +364,7 @@ def plot_reader_study(table: pd.DataFrame, study_dir: str | Path):
     )
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +305,143 @@ def test_corpus_is_deterministic(tmp_path):
             np.testing.assert_array_equal(
                 nib.load(tmp_path / "a" / f).get_fdata(), nib.load(tmp_path / "b" / f).get_fdata()
             )
+
+
+def _bad_files_raw(tmp_path: Path) -> Path:
+    """Good images plus each kind of bad input of the fault audit, in one folder-per-class tree."""
+    raw = _folder_by_class_raw(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(raw / "radiograph" / "noise.png")
+    # a PNG whose header claims 100000 x 100000 pixels
+    png = (raw / "radiograph" / "noise.png").read_bytes()
+    header = (100000).to_bytes(4, "big") * 2 + png[24:29]  # width, height, then depth, colour type, ...
+    crc = zlib.crc32(b"IHDR" + header).to_bytes(4, "big")
+    (raw / "radiograph" / "bomb.png").write_bytes(png[:16] + header + crc + png[33:])
+    # a DICOM whose window width is 0
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 600, 0
+    ds.save_as(raw / "mr" / "zero_window.dcm")
+    # a file name that is not UTF-8
+    os.rename(os.fsencode(raw / "radiograph" / "gradient.png"), os.fsencode(raw / "radiograph") + b"/gradient-\xff.png")
+    # 12-bit data in a 16-bit PNG
+    twelve = np.tile(np.linspace(0, 4095, 64)[:, None], (1, 64)).astype(np.uint16)  # vertical: not the gradient above
+    Image.fromarray(twelve).save(raw / "radiograph" / "twelve_bit.png")
+    # links: dangling, a loop, a link to a folder; and a folder nobody may read
+    os.symlink(raw / "nowhere.png", raw / "radiograph" / "dangling.png")
+    os.symlink(raw / "radiograph" / "loop_b.png", raw / "radiograph" / "loop_a.png")
+    os.symlink(raw / "radiograph" / "loop_a.png", raw / "radiograph" / "loop_b.png")
+    os.symlink(raw / "mr", raw / "radiograph" / "mr_again")
+    return raw
+
+
+def test_every_bad_file_becomes_a_recorded_rejection_and_the_run_completes(tmp_path):
+    raw = _bad_files_raw(tmp_path)
+    result = curate([MANIFESTS_DIR / "folder_by_class.yaml"], raw, tmp_path / "out", size=64, progress=False)
+    reasons = {(r.source_file, r.reason) for r in result.rejections}
+    assert {
+        ("radiograph/bomb.png", "decompression_bomb"),
+        ("mr/zero_window.dcm", "impossible_window"),
+        ("radiograph/dangling.png", "broken_link"),
+        ("radiograph/loop_a.png", "broken_link"),
+        ("radiograph/loop_b.png", "broken_link"),
+        ("radiograph/mr_again", "linked_folder"),
+    } <= reasons
+    kept = {r["source_file"]: r for r in result.records}
+    assert "radiograph/gradient-\\xff.png" in kept  # the name kept, escaped
+    # counts in = counts out + counts rejected, and the written files agree
+    summary = result.summary
+    assert (
+        summary["files_in"] + summary["entries_not_files"]
+        == summary["files_with_images"] + summary["files_only_rejected"]
+    )
+    rejected = _rejected(tmp_path / "out")
+    assert {r["source_file"] for r in rejected} | set(kept) >= {"radiograph/gradient-\\xff.png", "radiograph/bomb.png"}
+    accounting = check_accounting(raw, tmp_path / "out")
+    assert accounting["missing"] == [] and accounting["unknown"] == []
+    # the 12-bit image is scaled by its 12 bits, not left nearly black
+    twelve = np.asarray(Image.open(image_path(tmp_path / "out", kept["radiograph/twelve_bit.png"])))
+    assert twelve.max() == 255 and twelve.min() == 0
+
+
+def test_high_bit_depth_images_are_scaled_by_the_bits_their_data_use():
+    from medsyn.data.readers import high_bit_depth_to_uint8
+
+    twelve = np.array([[0, 2048, 4095]], dtype=np.uint16)
+    assert high_bit_depth_to_uint8(twelve).tolist() == [[0, 128, 255]]
+    sixteen = np.array([[0, 65535]], dtype=np.uint16)
+    assert high_bit_depth_to_uint8(sixteen).tolist() == [[0, 255]]
+    assert high_bit_depth_to_uint8(np.array([[0, 200]], dtype=np.uint16)).tolist() == [[0, 200]]  # 8-bit data
+
+
+def test_unreadable_files_and_folders_are_rejections(tmp_path, monkeypatch):
+    """What a user without read permission meets (simulated, since the tests may run as root, who
+    reads everything): a file without a suffix that cannot be opened, and a folder that cannot be listed."""
+    import medsyn.data.curate as curation
+
+    raw = _folder_by_class_raw(tmp_path)
+    (raw / "locked").mkdir()
+    (raw / "locked" / "a.png").write_bytes(b"x")
+    sniff, scandir = curation.sniff_format, os.scandir
+
+    def sniff_unless_locked(path):
+        if Path(path).name == "IMG0002":
+            raise PermissionError(13, "Permission denied", str(path))
+        return sniff(path)
+
+    def scandir_unless_locked(path="."):
+        if isinstance(path, str | os.PathLike) and Path(path).name == "locked":  # (rmtree passes descriptors)
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(curation, "sniff_format", sniff_unless_locked)
+    monkeypatch.setattr(os, "scandir", scandir_unless_locked)
+    result = curate([MANIFESTS_DIR / "folder_by_class.yaml"], raw, tmp_path / "out", size=64, progress=False)
+    reasons = {(r.source_file, r.reason) for r in result.rejections}
+    assert {("ct/IMG0002", "unreadable"), ("locked/", "unreadable_folder")} <= reasons
+
+
+def test_an_interrupted_curation_leaves_the_previous_dataset(curated, tmp_path, monkeypatch):
+    """A failure at each stage of a re-curation (writing images, splitting, writing the records, the
+    rejections, the swap) leaves the earlier dataset as it was."""
+    import medsyn.data.curate as curation
+
+    out = tmp_path / "out"
+    curate(EMBEDDED_MANIFESTS[:2], curated["raw"], out, size=16, progress=False)
+    before = _tree(out)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    for stage in ("_write_png", "_assign_splits", "write_records", "_write_rejections", "_swap_in"):
+        with monkeypatch.context() as patch:
+            patch.setattr(curation, stage, killed)
+            with pytest.raises(KeyboardInterrupt):
+                curate(EMBEDDED_MANIFESTS[:2], curated["raw"], out, size=24, progress=False)
+        assert _tree(out) == before, stage
+    curate(EMBEDDED_MANIFESTS[:2], curated["raw"], out, size=24, progress=False)  # and the next run completes
+    assert Image.open(image_path(out, read_records(out)[0])).size == (24, 24)
+
+
+def test_a_curation_killed_with_sigkill_leaves_a_complete_dataset_or_one_that_is_refused(curated, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    curate(EMBEDDED_MANIFESTS[:3], curated["raw"], out, size=16, progress=False)
+    before = read_records(out)
+    script = (
+        "from medsyn.data.curate import curate; from conftest import EMBEDDED_MANIFESTS; "
+        f"curate(EMBEDDED_MANIFESTS[:3], {str(curated['raw'])!r}, {str(out)!r}, size=24, progress=False)"
+    )
+    for delay in (1.0, 3.0):
+        process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        try:
+            records = read_records(out)
+        except DatasetError as error:
+            assert MARKER in str(error)
+            continue
+        assert records == before or Image.open(image_path(out, records[0])).size == (24, 24)
+        assert all(image_path(out, r).is_file() for r in records)

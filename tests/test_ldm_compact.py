@@ -52,20 +52,17 @@ def test_vae_loss_drops_and_the_latent_scale_is_set(tiny_vae):
 
 
 def _unet(tiny_dataset, tiny_vae, out, steps, **kw):
-    return train_unet(
-        tiny_dataset,
-        tiny_vae["vae_dir"],
-        out,
-        config=TINY_UNET,
-        steps=steps,
-        batch_size=8,
-        lr=2e-3,
-        lr_warmup_steps=2,
-        checkpoint_every=kw.pop("checkpoint_every", 4),
-        validation_every=0,
-        progress=False,
+    kw = {
+        "config": TINY_UNET,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "lr_warmup_steps": 2,
+        "checkpoint_every": 4,
+        "validation_every": 0,
+        "progress": False,
         **kw,
-    )
+    }
+    return train_unet(tiny_dataset, tiny_vae["vae_dir"], out, steps=steps, **kw)
 
 
 def test_unet_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_dataset, tiny_vae, tmp_path):
@@ -226,3 +223,32 @@ def test_two_processes_train_the_same_model_as_one(tiny_dataset, tiny_vae, tmp_p
     b = load_file(tmp_path / "two" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, worst
+
+
+def test_a_broken_newest_checkpoint_is_named_and_the_older_one_resumed(tiny_dataset, tiny_vae, tmp_path):
+    _unet(tiny_dataset, tiny_vae, tmp_path / "run", steps=8)  # checkpoints at steps 4 and 8
+    newest = tmp_path / "run" / "checkpoints" / "step_0000008"
+    weights = next(newest.glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled up
+    with pytest.warns(UserWarning, match="step_0000008"):
+        resumed = _unet(tiny_dataset, tiny_vae, tmp_path / "run", steps=10)
+    assert len(resumed["loss_history"]) == 6  # continued from step 4
+    straight = _unet(tiny_dataset, tiny_vae, tmp_path / "straight", steps=10)
+    assert resumed["loss_history"] == straight["loss_history"][4:]
+
+
+def test_resuming_with_another_recipe_is_an_error_unless_overridden(tiny_dataset, tiny_vae, tmp_path):
+    from medsyn.training.common import RecipeMismatchError
+
+    _unet(tiny_dataset, tiny_vae, tmp_path / "run", steps=4)
+    for change in ({"lr": 1e-3}, {"seed": 1}, {"prediction_type": "epsilon"}):
+        with pytest.raises(RecipeMismatchError, match=next(iter(change))):
+            _unet(tiny_dataset, tiny_vae, tmp_path / "run", steps=8, **change)
+    assert len(_unet(tiny_dataset, tiny_vae, tmp_path / "run", steps=6)["loss_history"]) == 2  # more steps: fine
+    with pytest.warns(UserWarning, match="different recipe"):
+        _unet(tiny_dataset, tiny_vae, tmp_path / "run", steps=8, lr=1e-3, resume="override")
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000008" / "trainer_state.json").read_text())
+    assert state["recipe"]["lr"] == 1e-3 and state["recipe"]["recipe_overridden"]["lr"] == {
+        "checkpoint": 2e-3,
+        "now": 1e-3,
+    }

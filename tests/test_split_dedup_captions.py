@@ -122,3 +122,17 @@ def test_stratified_split_keeps_rare_classes_in_train_and_balances_the_rest():
     assert split["p0"] == split["p1"] == "train"
     common = [split[f"p{i}"] for i in range(2, 102)]
     assert (common.count("train"), common.count("validation"), common.count("test")) == (80, 10, 10)
+
+
+def test_a_class_of_three_or_more_patients_gets_every_split():
+    """Five patients of one class, most with several images: filling by deficit alone put them all in
+    train and validation; every split must get one."""
+    sizes = {"p1": 6, "p2": 5, "p3": 5, "p4": 4, "p5": 1}
+    for seed in range(20):
+        split = patient_split(sizes, seed=seed, strata=dict.fromkeys(sizes, "oct: drusen"))
+        assert set(split.values()) == {"train", "validation", "test"}, (seed, split)
+    two = patient_split({"a": 3, "b": 2}, seed=0)  # too few patients for three splits: no split is forced
+    assert set(two.values()) <= {"train", "validation", "test"} and "train" in two.values()
+    # a class that already had every split keeps the assignment filling by deficit gives
+    many = {f"p{i}": 1 for i in range(40)}
+    assert sorted(patient_split(many, seed=3).values()).count("test") == 4

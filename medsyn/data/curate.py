@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medsyn.data.captions import caption_from_labels, load_vocabulary, vocabulary_terms
-from medsyn.data.dataset import MARKER, SPLITS, image_file_name, read_records, write_records
+from medsyn.data.dataset import MARKER, SPLITS, class_key, image_file_name, read_records, write_records
 from medsyn.data.dedup import DuplicateIndex
 from medsyn.data.manifest import ManifestError, load_manifest, validate_manifest
 from medsyn.data.preprocess import percentile_rescale, resize_center_crop, tile_image, tissue_fraction
@@ -82,9 +82,49 @@ class CurationResult:
 # ---------------------------------------------------------------- claiming files
 
 
-def _list_files(root: Path) -> list[str]:
-    """Every regular file under root (hidden ones too), as sorted POSIX paths relative to root."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+def _list_files(root: Path) -> tuple[list[str], list[Rejection]]:
+    """Every regular file under root (hidden ones too, and links to files), as sorted POSIX paths
+    relative to root, and a rejection for each entry that is not one: a dangling link or a link loop,
+    a link to a folder (not followed: it could lead outside the raw folder or back into it), a folder
+    that cannot be read, and anything else that is not a regular file (a socket, a device)."""
+    files, problems = [], []
+
+    def unreadable(error: OSError) -> None:
+        rel = Path(error.filename).relative_to(root).as_posix() + "/"
+        problems.append(
+            Rejection(_escaped(rel), "", "unreadable_folder", f"folder cannot be listed ({error.strerror})")
+        )
+
+    for folder, folders, names in os.walk(root, onerror=unreadable):
+        for name in sorted(folders):
+            path = Path(folder, name)
+            if path.is_symlink():
+                rel = _escaped(path.relative_to(root).as_posix())
+                problems.append(Rejection(rel, "", "linked_folder", "a link to a folder is not followed"))
+        for name in names:
+            path = Path(folder, name)
+            rel = path.relative_to(root).as_posix()
+            try:
+                regular = path.is_file()  # follows links
+            except OSError:  # a link loop
+                regular = False
+            if regular:
+                files.append(rel)
+            elif path.is_symlink():
+                problems.append(Rejection(_escaped(rel), "", "broken_link", "link to nothing (dangling, or a loop)"))
+            else:
+                problems.append(Rejection(_escaped(rel), "", "not_a_file", "not a regular file"))
+    return sorted(files), problems
+
+
+# rejections of entries under the raw folder that are not regular files (`_list_files`)
+NOT_FILES = ("unreadable_folder", "linked_folder", "broken_link", "not_a_file")
+
+
+def _escaped(path: str) -> str:
+    """A path as text any file can hold: bytes of a file name that are not UTF-8 (which Python keeps as
+    surrogates) are written as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _glob(base: Path, patterns: list[str]) -> list[Path]:
@@ -368,10 +408,9 @@ def curate(
         raise ManifestError(f"two manifests share a name: {names}")
 
     _check_output(out_dir, raw_dir)
-    all_files = _list_files(raw_dir)
+    all_files, rejections = _list_files(raw_dir)
     readers = [_SourceReader(m, raw_dir) for m in loaded]
     owner: dict[str, tuple[_SourceReader, str]] = {}  # source_file -> (reader, kind)
-    rejections: list[Rejection] = []
     for reader in readers:
         if not reader.root.is_dir():
             raise FileNotFoundError(f"{reader.name}: source folder not found: {reader.root}")
@@ -416,6 +455,16 @@ def curate(
         except UnreadableImageError as err:
             rejections.append(Rejection(source_file, reader.name, err.reason, err.detail))
             continue
+        except OSError as err:  # permissions, a file that vanished, an I/O error
+            detail = f"file cannot be read ({err.strerror or type(err).__name__})"
+            rejections.append(Rejection(source_file, reader.name, "unreadable", detail))
+            continue
+        except Exception as err:  # noqa: BLE001 - a decoder's own failure on a damaged file never ends the run
+            # the type only: a decoder's message may quote header values
+            rejections.append(
+                Rejection(source_file, reader.name, "unreadable", f"decoder failed ({type(err).__name__})")
+            )
+            continue
         rejections.extend(piece_rejections)
         if patient == "<dicom>":
             if not dicom_patient:
@@ -441,7 +490,7 @@ def curate(
             if duplicate:
                 reason, first = duplicate
                 first_file, first_item = first.split("|", 1)
-                detail = f"duplicate of {first_file}" + (f" ({first_item})" if first_item else "")
+                detail = f"duplicate of {_escaped(first_file)}" + (f" ({first_item})" if first_item else "")
                 rejections.append(Rejection(source_file, reader.name, reason, detail, item))
                 continue
             file_name, sha = _write_png(image, building)
@@ -553,7 +602,7 @@ def _assign_splits(candidates: list[_Candidate], manifests: list[dict], building
                 "labels": c.labels,
                 "patient_id": patient_id,
                 "source": c.source,
-                "source_file": c.source_file,
+                "source_file": _escaped(c.source_file),
                 "source_item": c.source_item,
                 "sha256": c.sha256,
             }
@@ -570,14 +619,14 @@ def _write_rejections(rejections: list[Rejection], out_dir: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(REJECTED_COLUMNS)
         for r in sorted(rejections, key=lambda r: (r.source_file, r.source_item)):
-            writer.writerow([r.source_file, r.source, r.source_item, r.reason, r.detail])
+            writer.writerow([_escaped(r.source_file), r.source, r.source_item, r.reason, r.detail])
 
 
 def _summary(result: CurationResult, all_files: list[str], size: int, seed: int, names: list[str]) -> dict:
     kept_files = {r["source_file"] for r in result.records}
-    rejected_files = {r.source_file for r in result.rejections}
+    rejected_files = {_escaped(r.source_file) for r in result.rejections}
     accounted = kept_files | rejected_files
-    lost = sorted(set(all_files) - accounted)
+    lost = sorted({_escaped(f) for f in all_files} - accounted)
     if lost:  # a bug, not bad input: fail loudly rather than write an incomplete account
         raise RuntimeError(f"curation lost track of {len(lost)} files, e.g. {lost[:3]}")
     return {
@@ -585,12 +634,28 @@ def _summary(result: CurationResult, all_files: list[str], size: int, seed: int,
         "size": size,
         "seed": seed,
         "files_in": len(all_files),
+        "entries_not_files": sum(r.reason in NOT_FILES for r in result.rejections),
         "files_with_images": len(kept_files),
         "files_only_rejected": len(rejected_files - kept_files),
         "images_out": len(result.records),
         "rejections": len(result.rejections),
         "rejections_by_reason": dict(sorted(Counter(r.reason for r in result.rejections).items())),
         "images_by_split": dict(sorted(Counter(r["split"] for r in result.records).items())),
+        "classes_missing_a_split": _classes_missing_a_split(result.records),
+    }
+
+
+def _classes_missing_a_split(records: list[dict]) -> dict[str, str]:
+    """Each class that has no image in some split, with which and why (a class of fewer than three
+    patients cannot be in all three; `patient_split` gives every other class all three)."""
+    splits, patients = defaultdict(set), defaultdict(set)
+    for record in records:
+        splits[class_key(record)].add(record["split"])
+        patients[class_key(record)].add(record["patient_id"])
+    return {
+        key: f"no {' or '.join(s for s in SPLITS if s not in present)} images: {len(patients[key])} patient(s)"
+        for key, present in sorted(splits.items())
+        if len(present) < len(SPLITS)
     }
 
 
@@ -600,7 +665,8 @@ def check_accounting(raw_dir: str | Path, dataset_dir: str | Path) -> dict:
     Returns counts plus `missing` (raw files in neither) and `unknown` (listed files that are not under
     raw_dir); both are empty for a complete account.
     """
-    files = set(_list_files(Path(raw_dir)))
+    listed, problems = _list_files(Path(raw_dir))
+    files = {_escaped(f) for f in listed} | {r.source_file for r in problems}
     in_metadata = {r["source_file"] for r in read_records(dataset_dir)}
     rejected = pd.read_csv(Path(dataset_dir) / "rejected.csv", dtype=str, keep_default_na=False)
     in_rejected = set(rejected["source_file"])

@@ -190,6 +190,8 @@ def dicom_to_display(
     if image.modality.upper() == "CT":
         display = hounsfield_window(pixels, width=ct_window[0], level=ct_window[1])
     elif image.voi is not None:
+        if not image.voi[1] >= 1:  # also NaN
+            raise UnreadableImageError("impossible_window", "DICOM Window Width is below 1: no viewer can show it")
         display = voi_window(pixels, *image.voi)
     else:
         display = percentile_rescale(pixels, *percentiles)
@@ -243,10 +245,24 @@ def axial_slice_for_display(volume: np.ndarray, index: int) -> np.ndarray:
 # ---------------------------------------------------------------- raster images
 
 
+def high_bit_depth_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Grey values in a 16- or 32-bit container to uint8, scaled by the bits the data use: the
+    smallest depth of at least 8 bits that holds the largest value. A 12-bit detector's image in a
+    16-bit PNG (values up to 4095) is scaled by 4095, not 65535, which would leave it nearly black;
+    images of one bit depth keep their relative brightness."""
+    values = np.asarray(array, dtype=np.float64)
+    if values.size and values.min() < 0:
+        values = values - values.min()  # signed data: shift to start at 0
+    top = float(values.max()) if values.size else 0.0
+    bits = max(8, int(np.ceil(np.log2(top + 1))))
+    return np.rint(np.clip(values / (2**bits - 1), 0, 1) * 255).astype(np.uint8)
+
+
 def read_raster(path: str | Path) -> np.ndarray:
     """Decode a PNG/JPEG/TIFF/BMP file to uint8 H x W (grey) or H x W x 3 (colour).
 
-    16-bit grey images are rescaled by their full bit range; palette and alpha images become RGB.
+    16- and 32-bit grey images are scaled by the bit depth their data use (`high_bit_depth_to_uint8`);
+    palette and alpha images become RGB.
 
     Args:
         path: the image file.
@@ -258,12 +274,14 @@ def read_raster(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img, dtype=np.float64)
-                bits = 16 if img.mode.startswith("I;16") else 32
-                return np.rint(np.clip(array / (2**bits - 1), 0, 1) * 255).astype(np.uint8)
+                return high_bit_depth_to_uint8(np.asarray(img))
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB")
             return np.asarray(img)
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(
+            "decompression_bomb", "image header claims more pixels than the decoder allows"
+        ) from err
     except UnidentifiedImageError as err:
         raise UnreadableImageError("not_an_image", "file is not a recognised image") from err
     except (OSError, SyntaxError, ValueError) as err:

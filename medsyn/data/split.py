@@ -20,7 +20,8 @@ def patient_split(
     sources with the same seed are shuffled independently); then each group goes to the split whose
     image count is furthest below its target. With `strata` (group -> class), this is done within each
     stratum, so every class is split in the same proportions and a class with only one or two
-    patients lands in train rather than only in test. Deterministic for a seed; every group lands in
+    patients lands in train rather than only in test; a class with at least three patients gets at
+    least one in every split the fractions call for. Deterministic for a seed; every group lands in
     exactly one split.
 
     Args:
@@ -46,4 +47,21 @@ def patient_split(
             choice = int(np.argmax(targets - counts))
             assignment[key] = SPLITS[choice]
             counts[choice] += group_sizes[key]
+        _fill_empty_splits(keys, group_sizes, fractions, assignment)
     return assignment
+
+
+def _fill_empty_splits(keys: list[str], group_sizes: dict[str, int], fractions, assignment: dict[str, str]) -> None:
+    """With at least as many groups as splits that the fractions call for, give each of those splits at
+    least one group: the smallest group of the split holding the most groups moves to an empty one.
+    (Filling by deficit alone can leave test empty for a class of five patients.)"""
+    wanted = [SPLITS[i] for i, fraction in enumerate(fractions) if fraction > 0]
+    if len(keys) < len(wanted):
+        return
+    for empty in wanted:
+        members = {split: [k for k in keys if assignment[k] == split] for split in wanted}
+        if members[empty]:
+            continue
+        donor = max(wanted, key=lambda split: len(members[split]))
+        moved = min(members[donor], key=lambda k: (group_sizes[k], k))
+        assignment[moved] = empty

@@ -269,22 +269,32 @@ def memorisation_pairs(
 
 
 def plot_distances(pairs: pd.DataFrame, threshold: float):
-    """MediSyn Fig. 4: per family, the tiled distance of each generated image to its nearest training
-    image, by specialty, with the copy threshold."""
+    """MediSyn Fig. 4: the tiled distance of each generated image to its nearest training image, by
+    specialty, one box per family with every image as a point, and the copy threshold. Planted
+    controls and images of a kind without training images are left out."""
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
-    pairs = pairs[~pairs["planted"]]
-    families = list(dict.fromkeys(pairs["family"]))
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False, sharey=True)
-    for ax, family in zip(axes[0], families):
-        mine = pairs[pairs["family"] == family]
-        specialties = sorted(mine["specialty"].dropna().unique())
-        ax.boxplot([mine.loc[mine["specialty"] == s, "tiled_l2"].dropna() for s in specialties], showfliers=True)
-        ax.set_xticks(range(1, len(specialties) + 1), specialties, rotation=45, ha="right", fontsize=8)
-        ax.axhline(threshold, color="C3", linestyle="--", label=f"copy threshold {threshold:g}")
-        ax.set_title(family, fontsize=10)
-    axes[0, 0].set_ylabel("tiled L2 to the nearest training image")
-    axes[0, 0].legend(fontsize=8)
+    measured = pairs[~pairs["planted"] & pairs["tiled_l2"].notna()]
+    order = sorted(measured["specialty"].dropna().unique())
+    families = list(dict.fromkeys(measured["family"]))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(order) * max(2, len(families)), 3.8))
+    common = {
+        "data": measured,
+        "x": "specialty",
+        "y": "tiled_l2",
+        "hue": "family",
+        "order": order,
+        "hue_order": families,
+        "ax": ax,
+    }
+    sns.boxplot(**common, showfliers=False, fill=False)
+    sns.stripplot(**common, dodge=True, size=2, alpha=0.5, legend=False)
+    ax.axhline(threshold, color="C3", linestyle="--", label=f"copy threshold {threshold:g}")
+    ax.set_xlabel("")
+    ax.set_ylabel("tiled L2 to the nearest training image")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
 

@@ -11,6 +11,7 @@ that draws from the global generators.)
 import json
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,24 +303,57 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------- checkpoints
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (`step_NNNNNNN` with a `trainer_state.json`); half-written ones
-    (still named `*.tmp`) are ignored."""
+def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (`step_NNNNNNN` with a `trainer_state.json`), newest first; half-written
+    ones (still named `*.tmp`) are not among them."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        return None
-    done = sorted(
+        return []
+    done = [
         p
         for p in checkpoint_dir.glob("step_*")
         if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(done, reverse=True)
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    done = complete_checkpoints(checkpoint_dir)
+    return done[0] if done else None
+
+
+# a loop's arguments that say how long it runs, how it reports (validation grids) and how it saves memory:
+# a run may be resumed with other values of these (more steps, say), never with another value of the rest
+NOT_RECIPE = (
+    "steps",
+    "resume",
+    "progress",
+    "checkpoint_every",
+    "validation_every",
+    "validation_prompts",
+    "guidance_scale",
+    "sampling_steps",
+    "gradient_checkpointing",
+)
+
+
+def training_recipe(arguments: dict) -> dict:
+    """The recipe a run's checkpoints record and a resumed run must repeat: the training loop's
+    arguments (call with `locals()` first thing in the loop) but paths and `NOT_RECIPE`, as JSON values."""
+    return json.loads(
+        json.dumps(
+            {k: v for k, v in arguments.items() if k not in NOT_RECIPE and not k.endswith(("_dir", "_path"))},
+            default=str,
+        )
     )
-    return done[-1] if done else None
 
 
 def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
     """Save the accelerator state (models, optimizers, LR schedulers, registered objects such as EMA,
-    RNG states) plus `trainer_state.json`, atomically: written under a temporary name and renamed, so
-    an interrupted save never leaves a checkpoint that looks complete. Keeps the newest `keep`."""
+    RNG states) plus `trainer_state.json` (the step and `state`, which holds the recipe), atomically:
+    written under a temporary name and renamed, so an interrupted save never leaves a checkpoint that
+    looks complete. Keeps the newest `keep`."""
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"step_{step:07d}"
     temporary = checkpoint_dir / f"step_{step:07d}.tmp"
@@ -332,7 +366,7 @@ def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, state: d
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
-        for old in sorted(p for p in checkpoint_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
+        for old in complete_checkpoints(checkpoint_dir)[keep:]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -344,11 +378,62 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
 
 
-def resume_step(accelerator, checkpoint_dir: str | Path, resume: bool) -> int:
-    """The step a loop starts from: that of the newest complete checkpoint, restored into the
-    accelerator (models, optimizer, LR scheduler, EMA, RNG states), or 0."""
-    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
-    return load_checkpoint(accelerator, checkpoint)["step"] if checkpoint else 0
+class RecipeMismatchError(ValueError):
+    """A run would resume checkpoints trained with another recipe."""
+
+
+def resume_step(accelerator, checkpoint_dir: str | Path, resume: bool | str, recipe: dict | None = None) -> int:
+    """The step a loop starts from: that of the newest checkpoint that loads, restored into the
+    accelerator (models, optimizer, LR scheduler, EMA, RNG states), or 0.
+
+    A checkpoint that fails to load (truncated, corrupt) is named in a warning and the next older one
+    is tried. A checkpoint trained with another recipe is not resumed: that is an error naming the
+    values that differ, unless `resume` is 'override' (then it is resumed, with a warning, and the
+    differences are recorded in the checkpoints that follow, under `recipe_overridden`).
+
+    Args:
+        accelerator: the loop's accelerator, after `prepare` and `register_for_checkpointing`.
+        checkpoint_dir: where `save_checkpoint` writes.
+        resume: True (resume if the recipe matches), False (start at 0) or 'override'.
+        recipe: this run's `training_recipe`.
+
+    Raises:
+        RecipeMismatchError: the newest checkpoint's recipe differs and `resume` is not 'override'.
+        RuntimeError: checkpoints exist but none loads (the message names each and why).
+    """
+    if resume not in (True, False, "override"):
+        raise ValueError(f"resume must be True, False or 'override', got {resume!r}")
+    candidates = complete_checkpoints(checkpoint_dir) if resume else []
+    if candidates and recipe is not None:
+        saved = json.loads((candidates[0] / "trainer_state.json").read_text()).get("recipe")
+        keys = (set(saved or {}) | set(recipe)) - {"recipe_overridden"}
+        differing = (
+            {k: (saved.get(k), recipe.get(k)) for k in sorted(keys) if saved.get(k) != recipe.get(k)}
+            if saved is not None
+            else {}
+        )
+        if differing and resume != "override":
+            listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in differing.items())
+            raise RecipeMismatchError(
+                f"{candidates[0]} was trained with another recipe ({listed}); use a new output "
+                "directory, or resume='override' to continue it anyway"
+            )
+        if differing:
+            warnings.warn(f"resuming {candidates[0]} with a different recipe: {sorted(differing)}", stacklevel=2)
+            recipe["recipe_overridden"] = {k: {"checkpoint": old, "now": new} for k, (old, new) in differing.items()}
+    failures = []
+    for checkpoint in candidates:
+        try:
+            return load_checkpoint(accelerator, checkpoint)["step"]
+        except Exception as error:  # noqa: BLE001 - any library error while reading a damaged checkpoint
+            failures.append(f"{checkpoint}: {type(error).__name__}: {error}")
+            warnings.warn(
+                f"checkpoint {checkpoint} does not load ({type(error).__name__}: {error}); trying the next older one",
+                stacklevel=2,
+            )
+    if failures:
+        raise RuntimeError("no checkpoint loads; remove them to start again:\n" + "\n".join(failures))
+    return 0
 
 
 def optimizer_step(accelerator, parameters: list, optimizer, lr_scheduler, ema, max_grad_norm: float) -> None:

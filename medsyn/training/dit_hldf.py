@@ -60,6 +60,7 @@ from medsyn.training.common import (
     save_checkpoint,
     save_validation_grid,
     to_model_range,
+    training_recipe,
 )
 from medsyn.training.ldm_compact import SCHEDULE
 
@@ -253,6 +254,7 @@ def train_dit(
         {'pipeline_dir', 'lora_dir' (or None), 'steps', 'trained_parameters', 'loss_history',
         'pixel_history'} (latent loss and pixel term of each step run here).
     """
+    recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -320,7 +322,7 @@ def train_dit(
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = resume_step(accelerator, out_dir / "checkpoints", resume)
+    start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     validation_prompts = validation_prompts or prompts[:8]
 
     history, pixel_history = [], []
@@ -391,7 +393,12 @@ def train_dit(
         bar.set_postfix(loss=f"{latent_total:.4f}", pixel=f"{pixel_total:.4f}")
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": latent_total, "pixel": pixel_total})
+            save_checkpoint(
+                accelerator,
+                out_dir / "checkpoints",
+                done,
+                {"loss": latent_total, "pixel": pixel_total, "recipe": recipe},
+            )
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline.transformer = accelerator.unwrap_model(transformer).eval()

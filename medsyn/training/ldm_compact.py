@@ -36,6 +36,7 @@ from medsyn.training.common import (
     save_validation_grid,
     step_generator,
     to_model_range,
+    training_recipe,
 )
 
 # A ~0.65 M-parameter VAE (x4 down-sampling, 4 latent channels) and a ~2 M-parameter U-Net: sizes that
@@ -157,6 +158,7 @@ def train_vae(
     Returns:
         {'vae_dir', 'scaling_factor', 'validation_l1', 'l1_history'} (the L1 of each step run here).
     """
+    recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
 
     out_dir = Path(out_dir)
@@ -179,7 +181,7 @@ def train_vae(
     autoencode, discriminator, optimizer, d_optimizer = accelerator.prepare(
         autoencode, discriminator, optimizer, d_optimizer
     )
-    start = resume_step(accelerator, out_dir / "checkpoints", resume)
+    start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     adversarial_start = 3 * steps // 4 if adversarial_start is None else adversarial_start
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -222,7 +224,7 @@ def train_vae(
         bar.update(1)
         bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.1f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save_checkpoint(accelerator, out_dir / "checkpoints", step + 1, {"l1": l1.item()})
+            save_checkpoint(accelerator, out_dir / "checkpoints", step + 1, {"l1": l1.item(), "recipe": recipe})
     bar.close()
 
     vae = accelerator.unwrap_model(autoencode).vae.eval()
@@ -332,6 +334,7 @@ def train_unet(
     Returns:
         {'pipeline_dir', 'steps', 'loss_history'} (the loss of each step run here).
     """
+    recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
@@ -379,7 +382,7 @@ def train_unet(
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(ema)
-    start = resume_step(accelerator, out_dir / "checkpoints", resume)
+    start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     validation_prompts = validation_prompts or prompts[:8]
 
     history = []
@@ -419,7 +422,7 @@ def train_unet(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1], "recipe": recipe})
         # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):

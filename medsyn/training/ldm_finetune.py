@@ -34,6 +34,7 @@ from medsyn.training.common import (
     resume_step,
     save_checkpoint,
     save_validation_grid,
+    training_recipe,
 )
 
 
@@ -131,6 +132,7 @@ def finetune_unet(
     Returns:
         {'pipeline_dir', 'lora_dir' (or None), 'steps', 'trained_parameters', 'loss_history'}.
     """
+    recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -185,7 +187,7 @@ def finetune_unet(
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = resume_step(accelerator, out_dir / "checkpoints", resume)
+    start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     validation_prompts = validation_prompts or prompts[:8]
     # SDXL's micro-conditioning: original size, crop corner, target size (curated images are centre crops)
     size = latent_mean.shape[-1] * pipeline.vae_scale_factor
@@ -233,7 +235,7 @@ def finetune_unet(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1], "recipe": recipe})
         # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):

@@ -47,6 +47,7 @@ from medsyn.training.common import (
     save_checkpoint,
     save_validation_grid,
     step_generator,
+    training_recipe,
 )
 
 # diffusers' FLUX LoRA scripts' default: the joint blocks' attention (image and text streams) and
@@ -177,6 +178,7 @@ def finetune_flux(
     Returns:
         {'pipeline_dir', 'lora_dir', 'steps', 'trained_parameters', 'loss_history'}.
     """
+    recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -218,7 +220,7 @@ def finetune_flux(
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = resume_step(accelerator, out_dir / "checkpoints", resume)
+    start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     validation_prompts = validation_prompts or prompts[:8]
     device = accelerator.device
     # positions of the packed image tokens (row, column) and of the text tokens (all zero), as the pipeline sets them
@@ -276,7 +278,7 @@ def finetune_flux(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1], "recipe": recipe})
         # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
@@ -392,6 +394,7 @@ def finetune_kandinsky(
     Returns:
         {'pipeline_dir', 'lora_dir', 'steps', 'trained_parameters', 'loss_history'}.
     """
+    recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
@@ -434,7 +437,7 @@ def finetune_kandinsky(
     unet, prior, optimizer, lr_scheduler = accelerator.prepare(unet, prior, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
-    start = resume_step(accelerator, out_dir / "checkpoints", resume)
+    start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     validation_prompts = validation_prompts or prompts[:8]
     device = accelerator.device
 
@@ -505,7 +508,7 @@ def finetune_kandinsky(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1]})
+            save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1], "recipe": recipe})
         # End block
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
