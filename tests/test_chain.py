@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import datasets
 import nbformat
 import pandas as pd
 import pytest
@@ -34,6 +35,8 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     curated = run_dir / "data" / "curated"
     summary = json.loads((curated / "curation_summary.json").read_text())
     assert {s: len(read_records(curated, s)) for s in ("train", "validation", "test")} == summary["images_by_split"]
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(curated))
+    assert {split: len(loaded[split]) for split in loaded} == summary["images_by_split"]
     # 02_train_ldm: a pipeline diffusers loads, and the alignment table of its samples
     assert (run_dir / "models" / "ldm_compact" / "unet_training" / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "figures" / "alignment_ldm_compact.csv.provenance.json").is_file()

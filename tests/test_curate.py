@@ -226,6 +226,10 @@ def test_curate_command_line(tmp_path):
     summary = json.loads(run.stdout)
     assert summary["files_in"] == 9 and summary["images_out"] == 5  # the 2-frame eCT gives its middle frame only
     assert (tmp_path / "out" / "rejected.csv").is_file()
+    import datasets  # a user's folder loads with its splits too
+
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "out"))
+    assert {split: len(loaded[split]) for split in loaded} == summary["images_by_split"]
 
 
 def _tree(root: Path) -> dict[str, bytes]:

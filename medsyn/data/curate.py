@@ -394,7 +394,7 @@ def curate(
             near duplicate (`medsyn.data.dedup`); None turns near-duplicate removal off.
         progress: show a progress bar.
     """
-    raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir)
+    raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"raw directory not found: {raw_dir}")
     if size < 8:
