@@ -79,18 +79,29 @@ def reproduce(
     notebooks_dir: str | Path = NOTEBOOKS_DIR,
     kernel: str | None = None,
     progress: bool = True,
+    start: str | None = None,
+    only: list[str] | None = None,
+    overrides: dict | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Execute the profile's notebooks in order; return the run directory.
+    """Execute the profile's notebooks in order (or a part of them); return the run directory.
 
     The run directory holds `notebooks/` (the executed copies), whatever the notebooks write under
-    `{run}`, and `run.json` (profile, parameters, environment, per-notebook status and seconds).
+    `{run}`, and `run.json` (profile, overrides, parameters, environment, per-notebook status and
+    seconds). A part of the chain reuses what the earlier notebooks wrote into the run directory: from
+    `06_fidelity` on, say, every figure is drawn again without training anything.
 
     Args:
         profile: profile name or YAML path.
         out_dir: run directory; default `runs/<profile>` (or `$MEDSYN_RUNS/<profile>`).
         notebooks_dir: where the stage notebooks live.
         kernel: Jupyter kernel name; default `python3` (or `$MEDSYN_KERNEL`).
-        progress: show papermill's progress bars.
+        progress: show a line per notebook (its place in the chain, the time so far) and papermill's bars.
+        start: run from this notebook on; those before it must have run in this run directory.
+        only: run just these notebooks (in the profile's order).
+        overrides: parameter -> value for every notebook that declares it, over the profile (papermill's
+            `-p NAME VALUE`); a name no notebook declares is an error.
+        resume: start from the first notebook of the last run in this directory that did not finish.
 
     Raises:
         ChainError: naming the failed notebook and cell, and the executed copy with the traceback.
@@ -101,27 +112,51 @@ def reproduce(
     spec = load_profile(profile)
     run_dir = Path(out_dir) if out_dir else runs_dir() / spec["name"]
     run_dir = run_dir.resolve()
+    previous = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    done = [n["notebook"] for n in previous.get("notebooks", []) if n.get("status") == "ok"]
+    if resume:
+        if not previous:
+            raise ValueError(f"nothing to resume: {run_dir / 'run.json'} does not exist")
+        start = next((name for name in spec["notebooks"] if name not in done), None)
+        if start is None:
+            raise ValueError(f"nothing to resume: every notebook of {run_dir} finished")
+    selected = _select(spec["notebooks"], start, only, done, run_dir)
+    overrides = dict(overrides or {})
+    declared = {}
+    for name in spec["notebooks"]:
+        source = Path(notebooks_dir) / f"{name}.ipynb"
+        if not source.is_file():
+            raise FileNotFoundError(f"profile '{spec['name']}' lists {name}, but {source} does not exist")
+        declared[name] = set(papermill.inspect_notebook(str(source)))
+    unknown = sorted(set(overrides) - set().union(*declared.values()))
+    if unknown:
+        raise ValueError(f"overrides {unknown}: no notebook of profile '{spec['name']}' declares them")
+
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    kept = [n for n in previous.get("notebooks", []) if n["notebook"] not in selected and n.get("status") == "ok"]
     record = {
         "profile": spec,
+        "overrides": overrides,
+        "selected": selected,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "environment": environment_record(),
-        "notebooks": [],
+        "notebooks": kept,
     }
 
     def save_record():
         (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
 
-    for name in spec["notebooks"]:
+    began = time.perf_counter()
+    for place, name in enumerate(selected, 1):
         source = Path(notebooks_dir) / f"{name}.ipynb"
-        if not source.is_file():
-            raise FileNotFoundError(f"profile '{spec['name']}' lists {name}, but {source} does not exist")
-        declared = set(papermill.inspect_notebook(str(source)))
-        parameters = notebook_parameters(spec, name, declared, run_dir)
+        parameters = notebook_parameters(spec, name, declared[name], run_dir)
+        parameters.update({k: v for k, v in overrides.items() if k in declared[name]})
         executed = run_dir / "notebooks" / source.name
         entry = {"notebook": name, "parameters": parameters, "executed": str(executed)}
         record["notebooks"].append(entry)
-        start = time.perf_counter()
+        if progress:
+            print(f"[{place}/{len(selected)}] {name} ({_minutes(time.perf_counter() - began)} so far)", flush=True)
+        start_time = time.perf_counter()
         try:
             papermill.execute_notebook(
                 str(source),
@@ -134,17 +169,42 @@ def reproduce(
         except PapermillExecutionError as err:
             entry.update(
                 status="failed",
-                seconds=round(time.perf_counter() - start, 1),
+                seconds=round(time.perf_counter() - start_time, 1),
                 cell_index=err.cell_index,
                 error=f"{err.ename}: {err.evalue}",
             )
             save_record()
             raise ChainError(
                 f"notebook {name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
-                f"{err.ename}: {err.evalue}\nexecuted copy with the full traceback: {executed}"
+                f"{err.ename}: {err.evalue}\nexecuted copy with the full traceback: {executed}\n"
+                f"after a fix: medsyn reproduce --profile {profile} --out {run_dir} --resume"
             ) from None
-        entry.update(status="ok", seconds=round(time.perf_counter() - start, 1))
+        entry.update(status="ok", seconds=round(time.perf_counter() - start_time, 1))
         save_record()
     record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     save_record()
     return run_dir
+
+
+def _select(
+    notebooks: list[str], start: str | None, only: list[str] | None, done: list[str], run_dir: Path
+) -> list[str]:
+    """The notebooks to run: all, from `start` on (those before it must have run here), or `only`."""
+    if start is not None and only:
+        raise ValueError("give a notebook to start from or a list of notebooks to run, not both")
+    for name in [start] if start else only or []:
+        if name not in notebooks:
+            raise ValueError(f"{name!r} is not a notebook of this profile: {notebooks}")
+    if only:
+        return [name for name in notebooks if name in only]
+    if start is None:
+        return list(notebooks)
+    before = notebooks[: notebooks.index(start)]
+    missing = [name for name in before if name not in done]
+    if missing:
+        raise ValueError(f"cannot start from {start}: {missing} have not run in {run_dir}")
+    return notebooks[notebooks.index(start) :]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"

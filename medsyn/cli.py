@@ -47,6 +47,24 @@ def _add_reproduce(sub):
     p.add_argument("--profile", required=True, help="profile name in notebooks/profiles/ or a YAML path")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/<profile>)")
     p.add_argument("--kernel", help="Jupyter kernel (default python3)")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument(
+        "--from",
+        dest="start",
+        metavar="NOTEBOOK",
+        help="run from this notebook on, reusing what the earlier ones wrote (e.g. 06_fidelity)",
+    )
+    part.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run just these notebooks")
+    part.add_argument("--resume", action="store_true", help="continue from the notebook that failed or did not run")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override a parameter for every notebook that declares it (VALUE read as YAML, as papermill does)",
+    )
 
 
 def _add_validate(sub):
@@ -116,7 +134,18 @@ def _run(args) -> int:
         from medsyn.chain import ChainError, reproduce
 
         try:
-            run_dir = reproduce(args.profile, args.out, kernel=args.kernel)
+            import yaml
+
+            overrides = {name: yaml.safe_load(value) for name, value in args.parameter}
+            run_dir = reproduce(
+                args.profile,
+                args.out,
+                kernel=args.kernel,
+                start=args.start,
+                only=args.only,
+                overrides=overrides,
+                resume=args.resume,
+            )
         except ChainError as err:
             print(f"medsyn reproduce: {err}", file=sys.stderr)
             return 1

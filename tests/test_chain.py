@@ -135,3 +135,37 @@ def test_reproduce_command_reports_failure_with_non_zero_exit(tmp_path):
         timeout=120,
     )
     assert run.returncode != 0 and "99_missing" in run.stderr
+
+
+def test_the_chain_can_be_steered_from_a_notebook_a_subset_overrides_and_resume(tmp_path, capsys):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    # each notebook appends its name and its parameter to a log in the run directory
+    log = "open('log.txt', 'a').write(f'{name} {value}\\n')"
+    for name in ("01_a", "02_b", "03_c"):
+        _notebook(
+            notebooks / f"{name}.ipynb",
+            [f"value = 1\nfail = False\nname = '{name}'", log, "assert not fail, 'asked to fail'"],
+        )
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "t", "notebooks": ["01_a", "02_b", "03_c"], "02_b": {"value": 2}}))
+    run = tmp_path / "run"
+    reproduce(profile, run, notebooks_dir=notebooks, progress=True)
+    assert "[2/3] 02_b" in capsys.readouterr().out
+    reproduce(profile, run, notebooks_dir=notebooks, progress=False, start="02_b", overrides={"value": 7})
+    reproduce(profile, run, notebooks_dir=notebooks, progress=False, only=["03_c"])
+    assert (run / "log.txt").read_text().splitlines() == ["01_a 1", "02_b 2", "03_c 1", "02_b 7", "03_c 7", "03_c 1"]
+    record = json.loads((run / "run.json").read_text())
+    assert record["selected"] == ["03_c"] and [n["notebook"] for n in record["notebooks"]] == ["01_a", "02_b", "03_c"]
+    # a failure in the middle, then a resume from the failed notebook once the cause is removed
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(yaml.safe_dump({"name": "t", "notebooks": ["01_a", "02_b", "03_c"], "02_b": {"fail": True}}))
+    with pytest.raises(ChainError, match="--resume"):
+        reproduce(failing, tmp_path / "run2", notebooks_dir=notebooks, progress=False)
+    reproduce(profile, tmp_path / "run2", notebooks_dir=notebooks, progress=False, resume=True)
+    assert (tmp_path / "run2" / "log.txt").read_text().splitlines() == ["01_a 1", "02_b 1", "02_b 2", "03_c 1"]
+    # mistakes are named
+    with pytest.raises(ValueError, match="have not run"):
+        reproduce(profile, tmp_path / "fresh", notebooks_dir=notebooks, progress=False, start="03_c")
+    with pytest.raises(ValueError, match="no notebook of profile 't' declares"):
+        reproduce(profile, run, notebooks_dir=notebooks, progress=False, overrides={"valeu": 3})
