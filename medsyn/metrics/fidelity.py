@@ -106,8 +106,9 @@ def inception_weights(path: str | Path | None = None) -> Path:
     places = []
     if path is not None:
         places.append(("the path given", Path(path)))
-    if inception_weights_from_environment() is not None:
-        places.append((f"${INCEPTION_ENV}", inception_weights_from_environment()))
+    from_environment = inception_weights_from_environment()
+    if from_environment is not None:
+        places.append((f"${INCEPTION_ENV}", from_environment))
     places.append(("torch hub's cache", Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE))
     for _, place in places:
         if place.is_file():
