@@ -144,6 +144,8 @@ def reproduce(
     }
 
     def save_record():
+        # kept and new entries in the profile's order, whichever part of the chain ran this time
+        record["notebooks"].sort(key=lambda entry: spec["notebooks"].index(entry["notebook"]))
         (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
 
     began = time.perf_counter()

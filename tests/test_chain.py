@@ -154,9 +154,18 @@ def test_the_chain_can_be_steered_from_a_notebook_a_subset_overrides_and_resume(
     assert "[2/3] 02_b" in capsys.readouterr().out
     reproduce(profile, run, notebooks_dir=notebooks, progress=False, start="02_b", overrides={"value": 7})
     reproduce(profile, run, notebooks_dir=notebooks, progress=False, only=["03_c"])
-    assert (run / "log.txt").read_text().splitlines() == ["01_a 1", "02_b 2", "03_c 1", "02_b 7", "03_c 7", "03_c 1"]
+    reproduce(profile, run, notebooks_dir=notebooks, progress=False, only=["01_a"])
+    assert (run / "log.txt").read_text().splitlines() == [
+        "01_a 1",
+        "02_b 2",
+        "03_c 1",
+        "02_b 7",
+        "03_c 7",
+        "03_c 1",
+        "01_a 1",
+    ]
     record = json.loads((run / "run.json").read_text())
-    assert record["selected"] == ["03_c"] and [n["notebook"] for n in record["notebooks"]] == ["01_a", "02_b", "03_c"]
+    assert record["selected"] == ["01_a"] and [n["notebook"] for n in record["notebooks"]] == ["01_a", "02_b", "03_c"]
     # a failure in the middle, then a resume from the failed notebook once the cause is removed
     failing = tmp_path / "failing.yaml"
     failing.write_text(yaml.safe_dump({"name": "t", "notebooks": ["01_a", "02_b", "03_c"], "02_b": {"fail": True}}))

@@ -320,8 +320,8 @@ def plot_closest_pairs(
                     pair = closest.iloc[k]
                     directory = generated[family] if side == 0 else real_dir
                     name = pair["file_name"] if side == 0 else pair["nearest_training"]
-                    # both lie in their dataset's train split (a generated dataset has no other)
-                    ax.imshow(load_rgb(Path(directory) / "train" / name))
+                    # both lie in their dataset's train split (GENERATED: a generated dataset has no other)
+                    ax.imshow(load_rgb(Path(directory) / GENERATED / name))
                     ax.set_title(f"d={pair['tiled_l2']:.2f}" if side == 0 else "training", fontsize=6)
         axes[row, 0].text(-0.15, 0.5, family, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.12, wspace=0.05, hspace=0.3)
