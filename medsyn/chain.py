@@ -1,10 +1,7 @@
-"""The chain runner: `medsyn reproduce --profile NAME` executes the stage notebooks in order with
-papermill and the profile's parameters, and records the run.
-
-A profile (`notebooks/profiles/<name>.yaml`) names the notebooks to run and their parameters:
-`common` goes to every notebook that declares the parameter, `<notebook>` blocks to that notebook
-only (a name the notebook does not declare is an error, so a typo cannot pass silently). String
-values may contain `{run}` (the run directory) and `{repo}` (the repository root).
+"""The chain runner: `medsyn reproduce --profile NAME` checks that what the profile needs is on disk,
+executes the stage notebooks in order with papermill and the profile's parameters, and records the
+run; `medsyn notebook` writes one stage notebook with a profile's parameters, to open and run cell by
+cell. Profiles and their parameters: `medsyn.profiles`.
 """
 
 import datetime
@@ -12,65 +9,13 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
-from medsyn.paths import NOTEBOOKS_DIR, PROFILES_DIR, REPO_ROOT, notebook_kernel, runs_dir
+from medsyn.paths import NOTEBOOKS_DIR, notebook_kernel, runs_dir
+from medsyn.profiles import PreflightError, load_profile, notebook_parameters, preflight
 from medsyn.records import environment_record
 
 
 class ChainError(RuntimeError):
     """A notebook of the chain failed; the message names the notebook and the cell."""
-
-
-def profile_path(profile: str | Path) -> Path:
-    """A profile name (`smoke`, `default`, `paper`) or a path to a profile YAML file."""
-    path = Path(profile)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"profile file not found: {path}")
-        return path
-    path = PROFILES_DIR / f"{profile}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"unknown profile '{profile}': no {path} (known: {known})")
-    return path
-
-
-def load_profile(profile: str | Path) -> dict:
-    """Read a profile and check its shape."""
-    path = profile_path(profile)
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict) or "notebooks" not in data:
-        raise ValueError(f"{path.name}: a profile needs a 'notebooks' list")
-    unknown = set(data) - {"name", "description", "notebooks", "common"} - set(data["notebooks"])
-    if unknown:
-        raise ValueError(f"{path.name}: unknown keys {sorted(unknown)} (parameter blocks must name a listed notebook)")
-    data.setdefault("name", path.stem)
-    return data
-
-
-def _substitute(value, run_dir: Path):
-    if isinstance(value, str):
-        return value.replace("{run}", str(run_dir)).replace("{repo}", str(REPO_ROOT))
-    if isinstance(value, list):
-        return [_substitute(v, run_dir) for v in value]
-    if isinstance(value, dict):
-        return {k: _substitute(v, run_dir) for k, v in value.items()}
-    return value
-
-
-def notebook_parameters(profile: dict, notebook: str, declared: set[str], run_dir: Path) -> dict:
-    """The parameters one notebook receives: the declared subset of `common`, then its own block."""
-    own = profile.get(notebook, {}) or {}
-    undeclared = sorted(set(own) - declared)
-    if undeclared:
-        raise ValueError(
-            f"profile '{profile['name']}' sets {undeclared} for {notebook}, "
-            f"which its parameters cell does not declare (declared: {sorted(declared)})"
-        )
-    common = {k: v for k, v in (profile.get("common", {}) or {}).items() if k in declared}
-    return _substitute({**common, **own}, run_dir)
 
 
 def reproduce(
@@ -104,6 +49,8 @@ def reproduce(
         resume: start from the first notebook of the last run in this directory that did not finish.
 
     Raises:
+        PreflightError: before anything runs, listing every pretrained model, weight file and raw source
+            the profile names that is not on disk (`medsyn.profiles.preflight`).
         ChainError: naming the failed notebook and cell, and the executed copy with the traceback.
     """
     import papermill
@@ -122,15 +69,10 @@ def reproduce(
             raise ValueError(f"nothing to resume: every notebook of {run_dir} finished")
     selected = _select(spec["notebooks"], start, only, done, run_dir)
     overrides = dict(overrides or {})
-    declared = {}
-    for name in spec["notebooks"]:
-        source = Path(notebooks_dir) / f"{name}.ipynb"
-        if not source.is_file():
-            raise FileNotFoundError(f"profile '{spec['name']}' lists {name}, but {source} does not exist")
-        declared[name] = set(papermill.inspect_notebook(str(source)))
-    unknown = sorted(set(overrides) - set().union(*declared.values()))
-    if unknown:
-        raise ValueError(f"overrides {unknown}: no notebook of profile '{spec['name']}' declares them")
+    declared = declared_parameters(spec, notebooks_dir, overrides)
+    missing = preflight(spec, declared, run_dir, overrides)
+    if missing:
+        raise PreflightError(spec["name"], missing)
 
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     kept = [n for n in previous.get("notebooks", []) if n["notebook"] not in selected and n.get("status") == "ok"]
@@ -151,8 +93,7 @@ def reproduce(
     began = time.perf_counter()
     for place, name in enumerate(selected, 1):
         source = Path(notebooks_dir) / f"{name}.ipynb"
-        parameters = notebook_parameters(spec, name, declared[name], run_dir)
-        parameters.update({k: v for k, v in overrides.items() if k in declared[name]})
+        parameters = notebook_parameters(spec, name, declared[name], run_dir, overrides)
         executed = run_dir / "notebooks" / source.name
         entry = {"notebook": name, "parameters": parameters, "executed": str(executed)}
         record["notebooks"].append(entry)
@@ -186,6 +127,72 @@ def reproduce(
     record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     save_record()
     return run_dir
+
+
+def declared_parameters(spec: dict, notebooks_dir: str | Path, overrides: dict | None = None) -> dict[str, set[str]]:
+    """Notebook -> the parameters its parameters cell declares, for every notebook of the profile;
+    an override no notebook declares is an error."""
+    import papermill
+
+    declared = {}
+    for name in spec["notebooks"]:
+        source = Path(notebooks_dir) / f"{name}.ipynb"
+        if not source.is_file():
+            raise FileNotFoundError(f"profile '{spec['name']}' lists {name}, but {source} does not exist")
+        declared[name] = set(papermill.inspect_notebook(str(source)))
+    unknown = sorted(set(overrides or {}) - set().union(*declared.values()))
+    if unknown:
+        raise ValueError(f"overrides {unknown}: no notebook of profile '{spec['name']}' declares them")
+    return declared
+
+
+def check_profile(
+    profile: str | Path,
+    out_dir: str | Path | None = None,
+    notebooks_dir: str | Path = NOTEBOOKS_DIR,
+    overrides: dict | None = None,
+) -> list:
+    """`medsyn preflight`: what a run of the profile would find missing (`medsyn.profiles.Missing`)."""
+    spec = load_profile(profile)
+    run_dir = (Path(out_dir) if out_dir else runs_dir() / spec["name"]).resolve()
+    return preflight(spec, declared_parameters(spec, notebooks_dir, overrides), run_dir, overrides)
+
+
+def write_notebook(
+    notebook: str,
+    profile: str | Path,
+    out_dir: str | Path | None = None,
+    notebooks_dir: str | Path = NOTEBOOKS_DIR,
+    overrides: dict | None = None,
+    kernel: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one stage notebook with the profile's parameters injected, as the chain would run it, into
+    the run directory's root (`<run>/<notebook>.ipynb`), to open in JupyterLab and run cell by cell:
+    its working directory is then the run directory, as in the chain. The earlier notebooks' outputs
+    are read from the run directory; nothing is executed here.
+
+    Raises:
+        FileExistsError: the copy exists (it may hold edits or outputs) and `overwrite` is False.
+    """
+    import nbformat
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    spec = load_profile(profile)
+    if notebook not in spec["notebooks"]:
+        raise ValueError(f"{notebook!r} is not a notebook of profile '{spec['name']}': {spec['notebooks']}")
+    run_dir = (Path(out_dir) if out_dir else runs_dir() / spec["name"]).resolve()
+    declared = declared_parameters(spec, notebooks_dir, overrides)
+    target = run_dir / f"{notebook}.ipynb"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists (it may hold your edits); remove it or pass --force")
+    parameters = notebook_parameters(spec, notebook, declared[notebook], run_dir, overrides)
+    nb = load_notebook_node(str(Path(notebooks_dir) / f"{notebook}.ipynb"))
+    nb = parameterize_notebook(nb, parameters, kernel_name=kernel or notebook_kernel())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, target)
+    return target
 
 
 def _select(

@@ -56,6 +56,10 @@ def _add_reproduce(sub):
     )
     part.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run just these notebooks")
     part.add_argument("--resume", action="store_true", help="continue from the notebook that failed or did not run")
+    _add_overrides(p)
+
+
+def _add_overrides(p):
     p.add_argument(
         "-p",
         "--parameter",
@@ -65,6 +69,32 @@ def _add_reproduce(sub):
         metavar=("NAME", "VALUE"),
         help="override a parameter for every notebook that declares it (VALUE read as YAML, as papermill does)",
     )
+
+
+def _overrides(args) -> dict:
+    import yaml
+
+    return {name: yaml.safe_load(value) for name, value in args.parameter}
+
+
+def _add_notebook(sub):
+    p = sub.add_parser(
+        "notebook",
+        help="write one stage notebook with a profile's parameters into the run directory, to open in JupyterLab",
+    )
+    p.add_argument("notebook", help="stage notebook name, e.g. 06_fidelity")
+    p.add_argument("--profile", required=True, help="profile name in notebooks/profiles/ or a YAML path")
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<profile>)")
+    p.add_argument("--kernel", help="Jupyter kernel (default python3)")
+    p.add_argument("--force", action="store_true", help="replace an existing copy (and its edits)")
+    _add_overrides(p)
+
+
+def _add_preflight(sub):
+    p = sub.add_parser("preflight", help="list every local model, weight file and raw source a profile needs and lacks")
+    p.add_argument("--profile", required=True, help="profile name in notebooks/profiles/ or a YAML path")
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<profile>)")
+    _add_overrides(p)
 
 
 def _add_validate(sub):
@@ -93,7 +123,7 @@ def _add_sample(sub):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medsyn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_curate, _add_corpus, _add_reproduce, _add_validate, _add_sample):
+    for add in (_add_curate, _add_corpus, _add_reproduce, _add_notebook, _add_preflight, _add_validate, _add_sample):
         add(sub)
     args = parser.parse_args(argv)
     try:
@@ -134,22 +164,35 @@ def _run(args) -> int:
         from medsyn.chain import ChainError, reproduce
 
         try:
-            import yaml
-
-            overrides = {name: yaml.safe_load(value) for name, value in args.parameter}
             run_dir = reproduce(
                 args.profile,
                 args.out,
                 kernel=args.kernel,
                 start=args.start,
                 only=args.only,
-                overrides=overrides,
+                overrides=_overrides(args),
                 resume=args.resume,
             )
         except ChainError as err:
             print(f"medsyn reproduce: {err}", file=sys.stderr)
             return 1
         print(f"run complete: {run_dir}")
+    elif args.command == "notebook":
+        from medsyn.chain import write_notebook
+
+        path = write_notebook(
+            args.notebook, args.profile, args.out, overrides=_overrides(args), kernel=args.kernel, overwrite=args.force
+        )
+        print(f"wrote {path}\nopen it with: jupyter lab {path}")
+    elif args.command == "preflight":
+        from medsyn.chain import check_profile
+        from medsyn.profiles import PreflightError
+
+        missing = check_profile(args.profile, args.out, overrides=_overrides(args))
+        if missing:
+            print(PreflightError(args.profile, missing), file=sys.stderr)
+            return 1
+        print(f"profile {args.profile}: everything it reads from disk is there")
     elif args.command == "sample":
         from medsyn.data.dataset import read_records
         from medsyn.sampling import sample_class_prompts

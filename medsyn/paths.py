@@ -30,3 +30,10 @@ def inception_weights_from_environment() -> Path | None:
     """The InceptionV3 weights file for FID named by `MEDSYN_INCEPTION_WEIGHTS`, or None when unset."""
     value = os.environ.get(INCEPTION_ENV)
     return Path(value) if value else None
+
+
+def open_notebook_name() -> str | None:
+    """The stem of the notebook a JupyterLab kernel runs (`JPY_SESSION_NAME`, which Jupyter Server sets
+    to the notebook's path); None outside JupyterLab."""
+    value = os.environ.get("JPY_SESSION_NAME")
+    return Path(value).stem if value else None

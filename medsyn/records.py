@@ -9,7 +9,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from medsyn.paths import REPO_ROOT
+from medsyn.paths import REPO_ROOT, open_notebook_name
 
 PACKAGES = (
     "medsyn",
@@ -119,6 +119,13 @@ LITERALS = (str, int, float, bool, type(None), list, dict, tuple)
 IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
 
 
+class ProfileRequired(RuntimeError):
+    """A stage notebook run as it stands, without a profile's parameters."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this sentence instead of a traceback
+        return [f"{type(self).__name__}: {self}"]
+
+
 def notebook_parameters(namespace: dict) -> dict:
     """A notebook's parameters, read from its namespace rather than typed again: every name bound to a
     literal when the setup cell runs (right after the parameters cell and papermill's injected
@@ -126,7 +133,18 @@ def notebook_parameters(namespace: dict) -> dict:
 
     Args:
         namespace: the notebook's `globals()`.
+
+    Raises:
+        ProfileRequired: the notebook's `profile` parameter is unset, so the parameters cell's values
+            (the papers' scale, paths relative to wherever the notebook was opened) were not replaced
+            by a profile's: the notebook stops before doing anything and says how to get them.
     """
+    if namespace.get("profile", "") is None:
+        name = open_notebook_name() or "<this notebook's name, such as 06_fidelity>"
+        raise ProfileRequired(
+            f"this notebook needs a profile's parameters: open the copy that `medsyn notebook {name} --profile "
+            "default` writes into the run directory, or run the whole chain with `medsyn reproduce --profile default`."
+        )
     return {
         name: value
         for name, value in namespace.items()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import datasets
 import nbformat
@@ -10,8 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from medsyn.chain import ChainError, load_profile, notebook_parameters, reproduce
+from medsyn.chain import ChainError, check_profile, reproduce, write_notebook
 from medsyn.data.dataset import class_prompts, read_records, split_records
+from medsyn.paths import NOTEBOOKS_DIR
+from medsyn.profiles import PreflightError, load_profile, notebook_parameters
 
 
 def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
@@ -178,3 +181,126 @@ def test_the_chain_can_be_steered_from_a_notebook_a_subset_overrides_and_resume(
         reproduce(profile, tmp_path / "fresh", notebooks_dir=notebooks, progress=False, start="03_c")
     with pytest.raises(ValueError, match="no notebook of profile 't' declares"):
         reproduce(profile, run, notebooks_dir=notebooks, progress=False, overrides={"valeu": 3})
+
+
+def test_every_stage_notebook_run_as_it_stands_stops_in_its_setup_cell_with_one_sentence(tmp_path):
+    """As JupyterLab's "Run All" runs it: nbclient, no parameters injected, the working directory a
+    fresh folder. Nothing may be written there, and the one error names the command to use."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        with pytest.raises(CellExecutionError):
+            NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        errors = [
+            (i, output)
+            for i, cell in enumerate(nb.cells)
+            if cell.cell_type == "code"
+            for output in cell.outputs
+            if output.output_type == "error"
+        ]
+        assert [i for i, _ in errors] == [2], path.name  # the setup cell, right after the parameters cell
+        ((_, error),) = errors
+        assert error.ename == "ProfileRequired" and len(error.traceback) == 1, path.name
+        sentence = error.traceback[0]
+        assert "medsyn notebook" in sentence and "medsyn reproduce --profile default" in sentence
+        assert sentence.count(". ") == 0 and sentence.endswith("."), sentence  # one sentence
+        assert not any(tmp_path.iterdir()), f"{path.name} wrote {list(tmp_path.iterdir())}"
+
+
+def test_medsyn_notebook_writes_a_stage_notebook_with_the_profiles_parameters(tmp_path):
+    """The copy carries the chain's parameters (profile, {run}, overrides), runs cell by cell in
+    nbclient from the run directory as JupyterLab would run it, and is never overwritten silently."""
+    from nbclient import NotebookClient
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _notebook(
+        notebooks / "01_a.ipynb",
+        [
+            "profile = None\nout = 'here.txt'\nvalue = 1",
+            "from medsyn.records import notebook_parameters\nparameters = notebook_parameters(globals())",
+            "open(out, 'w').write(f\"{profile} {value}\")",
+        ],
+    )
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "t", "notebooks": ["01_a"], "01_a": {"out": "{run}/out.txt"}}))
+    run = tmp_path / "run"
+    path = write_notebook("01_a", profile, run, notebooks_dir=notebooks, overrides={"value": 9})
+    assert path == run.resolve() / "01_a.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    assert (run / "out.txt").read_text() == "t 9"
+    with pytest.raises(FileExistsError, match="--force"):
+        write_notebook("01_a", profile, run, notebooks_dir=notebooks)
+    with pytest.raises(ValueError, match="not a notebook of profile"):
+        write_notebook("02_b", profile, run, notebooks_dir=notebooks)
+    # the real stage notebooks: what the copy receives is what the chain passes
+    copy = write_notebook("06_fidelity", "default", tmp_path / "default")
+    injected = next(
+        c for c in nbformat.read(copy, as_version=4).cells if "injected-parameters" in c.metadata.get("tags", [])
+    )
+    assert 'profile = "default"' in injected.source and f'"{(tmp_path / "default").resolve()}/data/curated"' in (
+        injected.source
+    )
+
+
+def _isolated_environment(tmp_path) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MEDSYN_INCEPTION_WEIGHTS"}
+    return {**env, "TORCH_HOME": str(tmp_path / "torch_home")}
+
+
+def test_a_paper_run_with_nothing_on_disk_lists_everything_missing_within_seconds(tmp_path):
+    began = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-m", "medsyn", "reproduce", "--profile", "paper", "--out", str(tmp_path / "paper")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_isolated_environment(tmp_path),
+    )
+    seconds = time.perf_counter() - began
+    assert run.returncode != 0 and seconds < 30, (run.returncode, seconds)
+    listed = [line for line in run.stderr.splitlines() if line.startswith("  - ")]
+    paper = load_profile("paper")
+    expected = [f"raw_dir: raw source {name} " for name in paper["01_curate"]["manifests"]] + [
+        "finetune_pretrained_dir",
+        "flux_pretrained_dir",
+        "kandinsky_prior_dir",
+        "kandinsky_decoder_dir",
+        "pretrained_dir",
+        "inception_weights",
+        "embedder_dir",
+        "imagenet_weights",
+    ]
+    assert len(listed) == len(expected), run.stderr
+    for item in expected:
+        assert sum(f" {item}" in line for line in listed) == 1, (item, run.stderr)
+    assert not (tmp_path / "paper" / "notebooks").exists()  # nothing ran
+
+
+def test_preflight_counts_what_is_there_and_what_the_chain_writes_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("MEDSYN_INCEPTION_WEIGHTS", raising=False)
+    out = tmp_path / "paper"
+    before = {str(m) for m in check_profile("paper", out)}
+    chexpert = out / "data" / "raw" / "chexpert" / "CheXpert-v1.0-small"
+    (chexpert / "train" / "patient00001" / "study1").mkdir(parents=True)
+    (chexpert / "train" / "patient00001" / "study1" / "view1_frontal.jpg").write_bytes(b"jpeg")
+    sdxl = out / "pretrained" / "stable-diffusion-xl-base-1.0"
+    sdxl.mkdir(parents=True)
+    (sdxl / "model_index.json").write_text("{}")
+    after = {str(m) for m in check_profile("paper", out)}
+    gone, new = before - after, after - before
+    assert len(gone) == 2 and any("finetune_pretrained_dir" in m for m in gone) and any("chexpert" in m for m in gone)
+    assert len(new) == 1 and "chexpert" in next(iter(new)) and "its table" in next(iter(new))  # images alone are not it
+    (chexpert / "train.csv").write_text("Path\n")
+    assert not any("chexpert" in str(m) for m in check_profile("paper", out))
+    # the embedded profiles need nothing on disk: every model they read, an earlier notebook writes
+    assert check_profile("default", tmp_path / "default") == []
+    assert check_profile("smoke", tmp_path / "smoke") == []
+    with pytest.raises(PreflightError, match="embedder_dir"):
+        reproduce("default", tmp_path / "d", overrides={"embedder_dir": str(tmp_path / "nowhere")}, progress=False)

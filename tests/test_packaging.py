@@ -63,8 +63,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_profile_is_valid_and_names_existing_notebooks():
-    from medsyn.chain import load_profile
     from medsyn.paths import NOTEBOOKS_DIR, PROFILES_DIR
+    from medsyn.profiles import load_profile
 
     for path in PROFILES_DIR.glob("*.yaml"):
         profile = load_profile(path)

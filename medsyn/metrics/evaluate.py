@@ -65,6 +65,7 @@ def fidelity_table(
     inception_path: str | Path | None = None,
     niqe_block: int = 96,
     seed: int = 0,
+    require_fid: bool = False,
 ) -> tuple[pd.DataFrame, str, dict]:
     """One row per generated dataset, plus a `real` row (the `reference_split` images against the
     `real_split` images: the floor every family is measured against).
@@ -78,6 +79,7 @@ def fidelity_table(
         inception_path: InceptionV3 weights for FID (else $MEDSYN_INCEPTION_WEIGHTS / the torch hub cache).
         niqe_block: NIQE block size (LIVE's 96 needs images of at least 96 px).
         seed: seed of the equal-count draws and of the MS-SSIM pairs.
+        require_fid: raise when InceptionV3's weights are missing instead of leaving FID out.
 
     Returns:
         (the table, a note on the Inception weights: where they came from, or why FID is missing, and
@@ -93,6 +95,8 @@ def fidelity_table(
         weights = inception_weights(inception_path)
         note = f"InceptionV3 weights: {weights}"
     except FileNotFoundError as error:
+        if require_fid:
+            raise
         weights, note = None, f"FID not computed: {error}"
 
     real, real_records = load_split(real_dir, real_split)

@@ -95,6 +95,18 @@ def precision_recall(real: np.ndarray, generated: np.ndarray, neighbourhood: int
     }
 
 
+def inception_places(path: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Where `inception_weights` looks, in order: (what the place is, the file)."""
+    places = []
+    if path is not None:
+        places.append(("the path given", Path(path)))
+    from_environment = inception_weights_from_environment()
+    if from_environment is not None:
+        places.append((f"${INCEPTION_ENV}", from_environment))
+    places.append(("torch hub's cache", Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE))
+    return places
+
+
 def inception_weights(path: str | Path | None = None) -> Path:
     """The TF-compatible InceptionV3 weights for FID, from (in order) `path`, the environment variable
     `MEDSYN_INCEPTION_WEIGHTS`, or torch hub's cache (`<torch.hub.get_dir()>/checkpoints/`, where
@@ -103,13 +115,7 @@ def inception_weights(path: str | Path | None = None) -> Path:
     Raises:
         FileNotFoundError: none of them holds the file; the message names every place looked at.
     """
-    places = []
-    if path is not None:
-        places.append(("the path given", Path(path)))
-    from_environment = inception_weights_from_environment()
-    if from_environment is not None:
-        places.append((f"${INCEPTION_ENV}", from_environment))
-    places.append(("torch hub's cache", Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE))
+    places = inception_places(path)
     for _, place in places:
         if place.is_file():
             return place
