@@ -1,17 +1,23 @@
 """A blinded reader study, as MediSyn's clinicians did it through a web interface (its Fig. 3):
 real and generated images, shuffled and renamed so that nothing about an image's source shows, are
-shown one at a time; each reader names the class and a confidence from 1 to 5, and every answer is
+shown one at a time; each reader names the class and a confidence from 1 to 5 and, when the study
+asks as RoentGen's visual Turing test did, whether the image is real or synthetic. Every answer is
 appended to `responses.jsonl`.
 
-`build_study` writes the study directory: `images/<token>.png`, `study.json` (the class names and the
-tokens, which is all the page sees) and `key.json` (token -> source, family, class; never served).
-`serve` runs the page on localhost with the standard library's HTTP server. Requests are checked
-before anything touches the file system: an image is served only when its token is in the key, and
-an answer is stored only when its reader id, token, class and confidence are all valid.
-`reader_table` joins the answers with the key for the report.
+`build_study` writes the study directory: `images/<token>.png`, `study.json` (the class names, the
+tokens and whether the real-or-synthetic question is asked: all the page sees), `key.json` (token ->
+source, family, class) and `invitations.json` (reader -> the secret of their invitation link). The key
+and the secrets are never served. Each reader gets a link `http://HOST:PORT/#invite=SECRET`; the
+secret stays in the link's fragment (never in a request line or a log), and the page sends it with
+every request. The server answers the API and the images only for a known secret, and stores an
+answer under the reader that secret was given to: one reader cannot answer as another.
+`serve` runs the page with the standard library's HTTP server, on localhost unless asked otherwise.
+Requests are checked before anything touches the file system. `reader_table` and `turing_table`
+join the answers with the key for the report.
 """
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -22,7 +28,6 @@ import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs
 
 import numpy as np
 import pandas as pd
@@ -32,6 +37,7 @@ from medsyn.data.dataset import class_key, class_prompts, image_path, split_reco
 
 READER = re.compile(r"[A-Za-z0-9_-]{1,32}")
 TOKEN = re.compile(r"[0-9a-f]{16}")
+SECRET = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 def build_study(
@@ -41,10 +47,17 @@ def build_study(
     per_class: int = 2,
     split: str = "test",
     seed: int = 0,
+    readers: list[str] | tuple[str, ...] = ("reader_1",),
+    real_or_synthetic: bool = False,
 ) -> Path:
     """Pick `per_class` real images of each class (from `split`) and `per_class` generated images of
-    each family for each class prompt, copy them under random tokens, and write the study files."""
+    each family for each class prompt, copy them under random tokens, and write the study files with
+    an invitation for each of `readers` (more with `invite`). With `real_or_synthetic`, every answer
+    also says whether the reader takes the image for real or synthetic."""
     out_dir = Path(out_dir)
+    for reader in readers:
+        if not READER.fullmatch(reader):
+            raise ValueError(f"reader id {reader!r}: 1-32 letters, digits, _ or -")
     if (out_dir / "key.json").exists():
         raise FileExistsError(f"{out_dir} already holds a study; answers belong to the images they were given for")
     rng = np.random.default_rng(seed)
@@ -66,8 +79,34 @@ def build_study(
         key_file[token] = {"source": source, "family": family, "class": cls}
         tokens.append(token)
     (out_dir / "key.json").write_text(json.dumps(key_file, indent=1))
-    (out_dir / "study.json").write_text(json.dumps({"classes": list(prompts), "images": sorted(tokens)}, indent=1))
+    public = {"classes": list(prompts), "images": sorted(tokens), "real_or_synthetic": real_or_synthetic}
+    (out_dir / "study.json").write_text(json.dumps(public, indent=1))
+    for reader in readers:
+        invite(out_dir, reader)
     return out_dir
+
+
+def invite(study_dir: str | Path, reader: str) -> str:
+    """Add a reader to a study and return the secret of their invitation link (an existing reader keeps
+    theirs). The secrets live in `invitations.json`, readable by the study's owner only."""
+    if not READER.fullmatch(reader):
+        raise ValueError(f"reader id {reader!r}: 1-32 letters, digits, _ or -")
+    path = Path(study_dir) / "invitations.json"
+    invitations = json.loads(path.read_text()) if path.exists() else {}
+    if reader not in invitations:
+        invitations[reader] = secrets.token_urlsafe(24)  # 32 characters, 192 bits
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(invitations, indent=1))
+        os.chmod(partial, 0o600)
+        partial.replace(path)
+    return invitations[reader]
+
+
+def invitation_links(study_dir: str | Path, base_url: str) -> dict[str, str]:
+    """Reader -> their link for a server at `base_url` (e.g. `http://host:8765`)."""
+    path = Path(study_dir) / "invitations.json"
+    invitations = json.loads(path.read_text()) if path.exists() else {}
+    return {reader: f"{base_url.rstrip('/')}/#invite={secret}" for reader, secret in invitations.items()}
 
 
 def write_blinded_png(source: str | Path, target: str | Path) -> None:
@@ -79,63 +118,80 @@ def write_blinded_png(source: str | Path, target: str | Path) -> None:
 
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medsyn reader study</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">
+<title>medsyn reader study</title>
 <style>body{font-family:sans-serif;max-width:40em;margin:2em auto}img{width:320px;height:320px;image-rendering:pixelated;
-border:1px solid #888}label{margin-right:1em}#done{display:none}</style></head>
+border:1px solid #888}label{margin-right:1em}#done,#nolink{display:none}</style></head>
 <body><h1>Reader study</h1>
 <p>Each image is either a real medical image or a generated one; you are not told which. Name its class and say how
 sure you are.</p>
-<form id="login"><label>Reader id <input id="reader" required pattern="[A-Za-z0-9_-]{1,32}"></label>
-<button id="start">Start</button></form>
+<p id="nolink">This page needs the invitation link you were given (it ends in <code>#invite=...</code>).</p>
 <form id="answer" hidden><p id="progress"></p><img id="image" alt="image to classify"><p>
 <label>Class <select id="class" required></select></label></p><p>Confidence:
 <label><input type="radio" name="confidence" value="1" required>1 (guess)</label><label><input type="radio"
 name="confidence" value="2">2</label><label><input type="radio" name="confidence" value="3">3</label><label><input
 type="radio" name="confidence" value="4">4</label><label><input type="radio" name="confidence" value="5">5 (certain)
-</label></p><button id="submit">Submit</button></form>
+</label></p><p id="realq" hidden>This image is:
+<label><input type="radio" name="real" value="real">real</label><label><input type="radio" name="real"
+value="synthetic">synthetic</label></p><button id="submit">Submit</button></form>
 <p id="done">All images answered. Thank you.</p>
 <script>
-let reader = null, current = null;
+const invite = new URLSearchParams(location.hash.slice(1)).get('invite');
+const auth = {'Authorization': 'Bearer ' + invite};
+let current = null, asksReal = false;
 async function next() {
-  const r = await fetch('/api/next?reader=' + encodeURIComponent(reader));
+  const r = await fetch('/api/next', {headers: auth});
   const body = await r.json();
   if (!body.image) { document.getElementById('answer').hidden = true;
                      document.getElementById('done').style.display = 'block'; return; }
   current = body.image;
-  document.getElementById('image').src = '/images/' + current + '.png';
+  const blob = await (await fetch('/images/' + current + '.png', {headers: auth})).blob();
+  const image = document.getElementById('image');
+  if (image.src) URL.revokeObjectURL(image.src);
+  image.src = URL.createObjectURL(blob);
   document.getElementById('progress').textContent = 'Image ' + (body.answered + 1) + ' of ' + body.total;
   document.getElementById('answer').reset();
 }
-document.getElementById('login').addEventListener('submit', async (e) => {
-  e.preventDefault(); reader = document.getElementById('reader').value;
-  const study = await (await fetch('/api/study')).json();
+async function start() {
+  if (!invite) { document.getElementById('nolink').style.display = 'block'; return; }
+  const r = await fetch('/api/study', {headers: auth});
+  if (!r.ok) { document.getElementById('nolink').style.display = 'block'; return; }
+  const study = await r.json();
   const select = document.getElementById('class');
   for (const c of study.classes) { const o = document.createElement('option'); o.value = c; o.textContent = c;
                                    select.appendChild(o); }
-  document.getElementById('login').hidden = true; document.getElementById('answer').hidden = false; next();
-});
+  asksReal = study.real_or_synthetic;
+  if (asksReal) { document.getElementById('realq').hidden = false;
+                  for (const i of document.querySelectorAll('input[name=real]')) i.required = true; }
+  document.getElementById('answer').hidden = false; next();
+}
 document.getElementById('answer').addEventListener('submit', async (e) => {
   e.preventDefault();
-  const confidence = Number(document.querySelector('input[name=confidence]:checked').value);
-  const r = await fetch('/api/answer', {method: 'POST', headers: {'Content-Type': 'application/json'},
-    body: JSON.stringify({reader: reader, image: current, class: document.getElementById('class').value,
-                          confidence: confidence})});
+  const answer = {image: current, class: document.getElementById('class').value,
+                  confidence: Number(document.querySelector('input[name=confidence]:checked').value)};
+  if (asksReal) answer.real = document.querySelector('input[name=real]:checked').value === 'real';
+  const r = await fetch('/api/answer', {method: 'POST', headers: {...auth, 'Content-Type': 'application/json'},
+    body: JSON.stringify(answer)});
   if (r.ok) next(); else alert('The answer was not accepted: ' + (await r.text()));
 });
+start();
 </script></body></html>
 """
 
 
 class _Study:
-    """What the server knows: the public study, the key (for validation only) and the answers so far,
-    read once at start (a torn line, from a server killed while writing, is skipped with a warning)
-    and kept in memory; each new answer is appended under a lock."""
+    """What the server knows: the public study, the invitations, and the answers so far, read once at
+    start (a torn line, from a server killed while writing, is skipped with a warning) and kept in
+    memory; each new answer is appended under a lock."""
 
     def __init__(self, study_dir: Path, responses: Path):
         self.dir = study_dir
         self.public = json.loads((study_dir / "study.json").read_text())
+        self.public.setdefault("real_or_synthetic", False)
         self.tokens = set(self.public["images"])
         self.classes = set(self.public["classes"])
+        invitations = study_dir / "invitations.json"
+        self.invitations = json.loads(invitations.read_text()) if invitations.exists() else {}
         self.responses = responses
         self.lock = threading.Lock()
         self.done: dict[str, set[str]] = {}
@@ -144,6 +200,18 @@ class _Study:
         if responses.exists() and responses.stat().st_size and not responses.read_bytes().endswith(b"\n"):
             with open(responses, "a") as f:  # close a torn last line, so the next answer starts a line of its own
                 f.write("\n")
+
+    def reader(self, authorization: str | None) -> str | None:
+        """The reader whose invitation secret the request carries (`Authorization: Bearer SECRET`), or
+        None; every secret is compared in constant time, so timing says nothing about a near miss."""
+        scheme, _, secret = (authorization or "").partition(" ")
+        if scheme != "Bearer" or not SECRET.fullmatch(secret):
+            return None
+        found = None
+        for reader, known in self.invitations.items():
+            if hmac.compare_digest(known.encode(), secret.encode()):
+                found = reader
+        return found
 
     def answered(self, reader: str) -> set[str]:
         with self.lock:
@@ -210,16 +278,26 @@ def _handler(study: _Study):
         def _refuse(self, status, why: str):
             self._send(status, why.encode(), "text/plain; charset=utf-8")
 
+        def _invited(self) -> str | None:
+            reader = study.reader(self.headers.get("Authorization"))
+            if reader is None:
+                self._refuse(HTTPStatus.FORBIDDEN, "open the invitation link you were given")
+            return reader
+
         def do_GET(self):
-            path, _, query = self.path.partition("?")
+            path = self.path.partition("?")[0]
             if path == "/":
                 return self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
+            if not path.startswith(("/api/", "/images/")):
+                return self._refuse(HTTPStatus.NOT_FOUND, "not found")
+            reader = self._invited()
+            if reader is None:
+                return None
             if path == "/api/study":
-                return self._json({"classes": study.public["classes"]})
+                return self._json(
+                    {"classes": study.public["classes"], "real_or_synthetic": study.public["real_or_synthetic"]}
+                )
             if path == "/api/next":
-                reader = parse_qs(query).get("reader", [""])[0]
-                if not READER.fullmatch(reader):
-                    return self._refuse(HTTPStatus.BAD_REQUEST, "reader id: 1-32 letters, digits, _ or -")
                 done = study.answered(reader)
                 left = [t for t in study.order(reader) if t not in done]
                 return self._json(
@@ -235,6 +313,9 @@ def _handler(study: _Study):
         def do_POST(self):
             if self.path != "/api/answer":
                 return self._refuse(HTTPStatus.NOT_FOUND, "not found")
+            reader = self._invited()
+            if reader is None:
+                return None
             length = self.headers.get("Content-Length", "")
             if not length.isdigit() or not 0 < int(length) <= 4096:
                 return self._refuse(HTTPStatus.BAD_REQUEST, "an answer is a small JSON object with a Content-Length")
@@ -242,17 +323,19 @@ def _handler(study: _Study):
                 answer = json.loads(self.rfile.read(int(length)))
             except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
                 return self._refuse(HTTPStatus.BAD_REQUEST, "not JSON")
-            if not isinstance(answer, dict) or set(answer) != {"reader", "image", "class", "confidence"}:
-                return self._refuse(HTTPStatus.BAD_REQUEST, "fields: reader, image, class, confidence")
+            fields = {"image", "class", "confidence"} | ({"real"} if study.public["real_or_synthetic"] else set())
+            if not isinstance(answer, dict) or set(answer) != fields:
+                return self._refuse(HTTPStatus.BAD_REQUEST, f"fields: {', '.join(sorted(fields))}")
             checks = [
-                (isinstance(answer["reader"], str) and READER.fullmatch(answer["reader"]), "reader id"),
                 (isinstance(answer["image"], str) and answer["image"] in study.tokens, "image"),
                 (isinstance(answer["class"], str) and answer["class"] in study.classes, "class"),
                 (type(answer["confidence"]) is int and 1 <= answer["confidence"] <= 5, "confidence (1-5)"),
+                (type(answer.get("real", False)) is bool, "real (true or false)"),
             ]
             for ok, what in checks:
                 if not ok:
                     return self._refuse(HTTPStatus.BAD_REQUEST, f"invalid {what}")
+            answer = {"reader": reader, **answer}  # the reader the link was given to, never one the body names
             if not study.store(answer):
                 return self._refuse(HTTPStatus.CONFLICT, "this reader has answered this image")
             return self._json({"stored": True})
@@ -281,48 +364,133 @@ def serve(
     return server
 
 
-def reader_table(study_dir: str | Path, responses: str | Path | None = None) -> pd.DataFrame:
-    """Per source (real, and each family): answers, share of correct classes and mean confidence;
-    the numbers of MediSyn's Fig. 3."""
-    study_dir = Path(study_dir)
+def _wilson(successes: int, total: int) -> tuple[float, float]:
+    """The Wilson score 95 % interval of a proportion."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(successes), int(total)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def _answers_with_key(study_dir: Path, responses: str | Path | None) -> pd.DataFrame:
     key = json.loads((study_dir / "key.json").read_text())
-    path = Path(responses) if responses else study_dir / "responses.jsonl"
-    answers = read_answers(path)
-    rows = [
-        {
-            "family": key[a["image"]]["family"],
-            "reader": a["reader"],
-            "correct": a["class"] == key[a["image"]]["class"],
-            "confidence": a["confidence"],
-        }
-        for a in answers
-    ]
-    if not rows:
-        return pd.DataFrame(columns=["family", "answers", "readers", "class_accuracy", "mean_confidence"])
-    frame = pd.DataFrame(rows)
-    return (
-        frame.groupby("family", sort=False)
-        .agg(
-            answers=("correct", "size"),
-            readers=("reader", "nunique"),
-            class_accuracy=("correct", "mean"),
-            mean_confidence=("confidence", "mean"),
-        )
-        .reset_index()
+    answers = read_answers(Path(responses) if responses else study_dir / "responses.jsonl")
+    return pd.DataFrame(
+        [
+            {
+                "family": key[a["image"]]["family"],
+                "source": key[a["image"]]["source"],
+                "reader": a["reader"],
+                "correct": a["class"] == key[a["image"]]["class"],
+                "confidence": a["confidence"],
+                "judged_real": a.get("real"),
+            }
+            for a in answers
+        ],
+        columns=["family", "source", "reader", "correct", "confidence", "judged_real"],
     )
 
 
+def reader_table(study_dir: str | Path, responses: str | Path | None = None) -> pd.DataFrame:
+    """Per source (real, and each family): answers, readers, the share of correct classes with its
+    Wilson 95 % interval, mean confidence, and, when the study asked, the share judged real (with its
+    interval): the numbers of MediSyn's Fig. 3."""
+    frame = _answers_with_key(Path(study_dir), responses)
+    rows = []
+    for family, group in frame.groupby("family", sort=False):
+        correct = int(group["correct"].sum())
+        low, high = _wilson(correct, len(group))
+        row = {
+            "family": family,
+            "answers": len(group),
+            "readers": group["reader"].nunique(),
+            "class_accuracy": correct / len(group),
+            "class_accuracy_low": low,
+            "class_accuracy_high": high,
+            "mean_confidence": group["confidence"].mean(),
+        }
+        judged = group["judged_real"].dropna().astype(bool)
+        if len(judged):
+            row["judged_real"] = judged.mean()
+            row["judged_real_low"], row["judged_real_high"] = _wilson(int(judged.sum()), len(judged))
+        rows.append(row)
+    columns = ["family", "answers", "readers", "class_accuracy", "class_accuracy_low", "class_accuracy_high"]
+    return pd.DataFrame(rows, columns=None if rows else [*columns, "mean_confidence"])
+
+
+def turing_table(study_dir: str | Path, responses: str | Path | None = None) -> pd.DataFrame:
+    """The visual Turing test (RoentGen's readers): per reader and for all readers together, how often
+    a real image was called real and a synthetic one synthetic, and the accuracy of telling them apart
+    with its Wilson 95 % interval; an interval that holds 0.5 means the readers could not tell.
+    Empty when the study did not ask or nobody answered."""
+    frame = _answers_with_key(Path(study_dir), responses).dropna(subset=["judged_real"])
+    rows = []
+    for reader, group in [*frame.groupby("reader"), ("all readers", frame)]:
+        if group.empty:
+            continue
+        right = group["judged_real"].astype(bool) == (group["source"] == "real")
+        real, synthetic = group["source"] == "real", group["source"] == "synthetic"
+        low, high = _wilson(int(right.sum()), len(group))
+        rows.append(
+            {
+                "reader": reader,
+                "answers": len(group),
+                "real_called_real": right[real].mean() if real.any() else float("nan"),
+                "synthetic_called_synthetic": right[synthetic].mean() if synthetic.any() else float("nan"),
+                "accuracy": right.mean(),
+                "accuracy_low": low,
+                "accuracy_high": high,
+            }
+        )
+    columns = ["reader", "answers", "real_called_real", "synthetic_called_synthetic", "accuracy"]
+    return pd.DataFrame(rows, columns=[*columns, "accuracy_low", "accuracy_high"])
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(argv=None) -> None:
-    """`python -m medsyn.reader_study STUDY_DIR [--host H] [--port P]`: serve until interrupted."""
+    """`python -m medsyn.reader_study STUDY_DIR [--invite NAME ...] [--host H] [--port P]`: add
+    readers, print every reader's invitation link, and serve until interrupted."""
     import argparse
+    import socket
 
     parser = argparse.ArgumentParser(description="serve a blinded reader study (see medsyn.reader_study)")
     parser.add_argument("study_dir")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: localhost only)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default: localhost only; 0.0.0.0 lets readers at other computers in)",
+    )
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--invite", action="append", default=[], metavar="READER", help="add a reader (repeatable)")
     args = parser.parse_args(argv)
+    for reader in args.invite:
+        invite(args.study_dir, reader)
     server = serve(args.study_dir, args.host, args.port)
-    print(f"reader study at http://{server.server_address[0]}:{server.server_address[1]}/ (Ctrl-C stops)")
+    port = server.server_address[1]
+    if _loopback(args.host):
+        print(f"reader study on this computer only (http://{args.host}:{port}/); --host 0.0.0.0 opens it to others")
+        shown = args.host
+    else:
+        shown = socket.getfqdn() if args.host in ("0.0.0.0", "::") else args.host
+        print(
+            f"reader study listening beyond localhost on {args.host}:{port}: anyone who can reach this computer "
+            "sees the page, and only an invitation link shows images or takes answers (use HTTPS in front of it "
+            "outside a trusted network)"
+        )
+    links = invitation_links(args.study_dir, f"http://{shown}:{port}")
+    if not links:
+        print("no reader is invited yet: add readers with --invite NAME")
+    for reader, link in links.items():
+        print(f"  {reader}: {link}")
+    print("Ctrl-C stops")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -331,7 +499,8 @@ def main(argv=None) -> None:
 
 def plot_reader_study(table: pd.DataFrame, study_dir: str | Path):
     """MediSyn Fig. 3: per image source, the share of images whose class the readers named correctly
-    and their mean confidence; with no answers yet, how to collect them."""
+    and their mean confidence and, when the study asked, the share judged real (RoentGen's visual
+    Turing test), with Wilson 95 % intervals; with no answers yet, how to collect them."""
     import matplotlib.pyplot as plt
 
     if table.empty:
@@ -347,19 +516,26 @@ def plot_reader_study(table: pd.DataFrame, study_dir: str | Path):
             va="center",
         )
         return fig
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0))
+    panels = [
+        ("class_accuracy", "class named correctly", (0, 1)),
+        ("mean_confidence", "mean confidence (1-5)", (0, 5)),
+    ]
+    if "judged_real" in table and table["judged_real"].notna().any():
+        panels.append(("judged_real", "judged real (visual Turing test)", (0, 1)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.75 * len(panels), 3.0))
     colours = ["0.6" if f == "real" else f"C{i}" for i, f in enumerate(table["family"])]
-    for ax, column, title in (
-        (axes[0], "class_accuracy", "class named correctly"),
-        (axes[1], "mean_confidence", "mean confidence (1-5)"),
-    ):
-        ax.bar(range(len(table)), table[column], color=colours)
+    for ax, (column, title, limits) in zip(axes, panels):
+        if f"{column}_low" in table:  # Wilson 95 % intervals
+            errors = np.vstack([table[column] - table[f"{column}_low"], table[f"{column}_high"] - table[column]])
+        else:
+            errors = None
+        ax.bar(range(len(table)), table[column], color=colours, yerr=errors, capsize=3)
         ax.set_xticks(range(len(table)), table["family"], rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
-    axes[0].set_ylim(0, 1)
-    axes[1].set_ylim(0, 5)
+        ax.set_ylim(*limits)
     fig.suptitle(
-        f"Blinded reader study: {int(table['answers'].sum())} answers from {int(table['readers'].max())} reader(s)",
+        f"Blinded reader study: {int(table['answers'].sum())} answers from {int(table['readers'].max())} reader(s); "
+        "bars: Wilson 95 % intervals",
         fontsize=9,
     )
     fig.tight_layout()
