@@ -27,6 +27,12 @@ def _add_curate(sub):
         help="thumbnail correlation confirming a perceptual-hash near duplicate (default 0.995)",
     )
     p.add_argument("--keep-near-duplicates", action="store_true", help="remove exact duplicates only")
+    p.add_argument(
+        "--vlm",
+        metavar="DIR",
+        help="caption with a local vision-language model as well (Med-Art): its description joins the template",
+    )
+    p.add_argument("--vlm-cache", metavar="PATH", help="its descriptions' cache (default <out>.vlm_captions.jsonl)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -138,6 +144,11 @@ def _run(args) -> int:
         from medsyn.data.curate import curate
         from medsyn.data.manifest import resolve_manifest
 
+        captioner = None
+        if args.vlm:
+            from medsyn.models.captioner import VLMCaptioner
+
+            captioner = VLMCaptioner(args.vlm)
         result = curate(
             [resolve_manifest(m) for m in args.manifest],
             args.raw,
@@ -146,6 +157,8 @@ def _run(args) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             near_duplicate_correlation=None if args.keep_near_duplicates else args.near_duplicate_correlation,
+            captioner=captioner,
+            caption_cache=args.vlm_cache,
         )
         print(json.dumps(result.summary, indent=2))
     elif args.command == "corpus":

@@ -98,7 +98,7 @@ LOCAL_INPUTS = {
 STAGE_OUTPUTS = {
     "01_curate": ("curated_dir", "probe_path", "domain_clip_dir"),
     "02_train_ldm": ("models_dir", "finetune_dir", "large_lora_dir"),
-    "03_train_dit_hldf": ("models_dir",),
+    "03_train_dit_hldf": ("models_dir", "template_captions_dir"),
     "04_train_vq_ar": ("models_dir",),
     "05_sample": ("generated_dir",),
 }

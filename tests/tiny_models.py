@@ -338,3 +338,99 @@ def save_tiny_kandinsky(directory: Path) -> Path:
     )
     pipeline.save_pretrained(directory / "pipeline")
     return directory / "pipeline"
+
+
+def save_tiny_vlm(directory: Path, words: list[str]) -> Path:
+    """A LLaVA (CLIP vision tower, Llama language model) of a real architecture, saved with its
+    processor, whose greedy answer to any image and prompt is exactly `words`, then end of sequence.
+
+    Its weights are set, not trained: every layer's output projections are zero (each layer passes its
+    input on), each of the chain's tokens has an embedding of its own along one axis, and the LM head
+    maps that axis to the next word; any other token (the prompt's, the image's) maps to the first word.
+    So the captioner's code runs through transformers' real classes and yields a known description.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    prompt_words = "USER: ASSISTANT: describe what is visible in this image : colours , shapes".split()
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(special + prompt_words + words))}
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces, no space before "."
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    hidden = 64
+    assert len(words) + 2 < hidden
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+            tie_word_embeddings=False,
+        ),
+        image_token_index=vocab["<image>"],
+        vision_feature_select_strategy="default",
+        image_seq_length=4,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    language = model.model.language_model
+    chain = [*words, "</s>"]
+    with torch.no_grad():
+        for layer in language.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embedding, head = language.embed_tokens.weight, model.lm_head.weight
+        embedding.zero_()
+        head.zero_()
+        embedding[:, 0] = 1.0  # axis 0: any token outside the chain
+        head[vocab[chain[0]], 0] = 10.0  # ... is followed by the first word
+        for axis, token in enumerate(chain[:-1], 1):
+            embedding[vocab[token]] = 0.0
+            embedding[vocab[token], axis] = 1.0
+            head[vocab[chain[axis]], axis] = 10.0
+    model.save_pretrained(directory)
+    LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which "default" drops again
+        chat_template=(
+            "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+            "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+            "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+        ),
+    ).save_pretrained(directory)
+    return Path(directory)

@@ -1,6 +1,10 @@
-"""Captions from labels (MediSyn style: "Dermoscopy image showing melanoma.") and the
-anatomy/pathology vocabularies used for report-style prompts (arXiv 2403.06835)."""
+"""Captions from labels (MediSyn style: "Dermoscopy image showing melanoma."), captions that add a
+vision-language model's description of the image (Med-Art), and the anatomy/pathology vocabularies
+used for report-style prompts (arXiv 2403.06835)."""
 
+import json
+import os
+import re
 from pathlib import Path
 
 import jsonschema
@@ -130,3 +134,171 @@ def report_prompt(labels: list[str], vocabulary: dict) -> str:
     pathology = "; ".join(f"{f} ({e['anatomy']})" for f, e in zip(findings, entries))
     sentences = " ".join(e.get("finding", f"{f[0].upper() + f[1:]} is present.") for f, e in zip(findings, entries))
     return f"{head} Anatomy: {', '.join(anatomy)}. Pathology: {pathology}. Findings: {sentences}"
+
+
+# ---------------------------------------------------------------- captions written by a vision-language model
+
+# a description is refused (and the template kept) for one of these reasons
+CAPTION_REFUSALS = {
+    "empty": "says nothing (fewer than three words)",
+    "repeats": "repeats itself",
+    "names_another_class": "names another class than the image's labels",
+    "identifier": "holds something that looks like an identifier (a patient key, a file's number, a date)",
+}
+DATE_OR_NUMBER = re.compile(r"\d{4,}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _contains_phrase(text_words: list[str], phrase: str) -> bool:
+    words = _words(phrase)
+    return bool(words) and any(text_words[i : i + len(words)] == words for i in range(len(text_words) - len(words) + 1))
+
+
+def refuse_identifiers(description: str, identifiers: set[str]) -> str | None:
+    """'identifier' when the description holds one of `identifiers` (case-insensitive, as a word or
+    inside one) or a run of four digits or a date; else None. Checked before a description is cached."""
+    lower = description.lower()
+    if DATE_OR_NUMBER.search(description) or any(i.lower() in lower for i in identifiers if len(i) >= 3):
+        return "identifier"
+    return None
+
+
+def refuse_description(description: str, labels: list[str], other_labels: set[str]) -> str | None:
+    """Why a description cannot join its image's caption (a key of `CAPTION_REFUSALS`), or None.
+
+    Args:
+        description: what the vision-language model said.
+        labels: the image's labels (the ground truth).
+        other_labels: every other class's label terms in the dataset; one of them in the description,
+            as whole words and not part of the image's own labels, refuses it.
+    """
+    words = _words(description)
+    if len([w for w in words if any(ch.isalpha() for ch in w)]) < 3:
+        return "empty"
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    if len(trigrams) != len(set(trigrams)) or (len(words) >= 8 and len(set(words)) < len(words) / 2):
+        return "repeats"
+    own = " ".join(labels).lower()
+    if any(_contains_phrase(words, other) for other in other_labels if other.lower() not in own):
+        return "names_another_class"
+    return None
+
+
+def combine_caption(template: str, description: str) -> str:
+    """The label template first (the class stays in the caption), then the description as a sentence."""
+    description = description.strip()
+    description = description[0].upper() + description[1:]
+    if description[-1] not in ".!?":
+        description += "."
+    return f"{template} {description}"
+
+
+class CaptionCache:
+    """Descriptions by (image sha256, model id), one JSON line each, appended as they come: a rerun,
+    or a run that stopped half-way, asks the model only about images it has not described. A
+    description holding an identifier is stored as refused, without its text."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[tuple[str, str], dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[(entry["sha256"], entry["model"])] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line: that image is described again
+
+    def get(self, sha256: str, model: str) -> dict | None:
+        return self.entries.get((sha256, model))
+
+    def add(self, entries: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for entry in entries:
+                f.write(json.dumps(entry) + "\n")
+                self.entries[(entry["sha256"], entry["model"])] = entry
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def vlm_captions(
+    records: list[dict],
+    dataset_dir: str | Path,
+    captioner,
+    cache_path: str | Path,
+    identifiers: set[str],
+    progress: bool = True,
+) -> dict:
+    """Give each record a caption that joins its label template and a vision-language model's
+    description of its image (Med-Art); a refused description leaves the template, with the reason.
+
+    Sets per record `text` (the caption), `caption_source` ('vlm' or 'template') and `caption_note`
+    (why the template was kept, or ''). `class_text` (the label template) stays the class's prompt.
+
+    Args:
+        records: curated records whose images lie under `dataset_dir` (their `text` is the template).
+        dataset_dir: the dataset (or the folder being built).
+        captioner: an object with `model_id` and `describe(images, image_types) -> list[str]`
+            (`medsyn.models.captioner.VLMCaptioner`); it sees the image and its image type, nothing else.
+        cache_path: the `CaptionCache` file, outside the dataset (it outlives a rebuild).
+        identifiers: strings that must never reach a caption (the curation's patient keys, the numbered
+            parts of source paths); a description holding one is refused before it is cached.
+        progress: show a progress bar.
+
+    Returns:
+        counts: `described` (new model outputs), `cached`, `vlm`, and `template` per refusal reason.
+    """
+    from tqdm.auto import tqdm
+
+    from medsyn.data.dataset import image_path, load_rgb
+
+    cache = CaptionCache(cache_path)
+    model = captioner.model_id
+    todo = {}
+    for record in records:
+        if cache.get(record["sha256"], model) is None:
+            todo.setdefault(record["sha256"], record)
+    pending = list(todo.values())
+    batch = max(1, getattr(captioner, "batch_size", 8))
+    with tqdm(total=len(pending), desc="captions (vlm)", unit="image", disable=not progress) as bar:
+        for start in range(0, len(pending), batch):
+            chunk = pending[start : start + batch]
+            images = [load_rgb(image_path(dataset_dir, r)) for r in chunk]
+            descriptions = captioner.describe(images, [r["image_type"] for r in chunk])
+            entries = []
+            for record, description in zip(chunk, descriptions, strict=True):
+                refused = refuse_identifiers(description, identifiers)
+                entries.append(
+                    {
+                        "sha256": record["sha256"],
+                        "model": model,
+                        "description": None if refused else description,
+                        "refused": refused,
+                    }
+                )
+            cache.add(entries)
+            bar.update(len(chunk))
+    all_labels = {label for record in records for label in record["labels"]}
+    counts = {"described": len(pending), "cached": len({r["sha256"] for r in records}) - len(pending), "vlm": 0}
+    refused_counts: dict[str, int] = {}
+    for record in records:
+        entry = cache.get(record["sha256"], model)
+        reason = entry["refused"] or refuse_description(
+            entry["description"], record["labels"], all_labels - set(record["labels"])
+        )
+        if reason is None:
+            record["text"] = combine_caption(record["class_text"], entry["description"])
+            record["caption_source"], record["caption_note"] = "vlm", ""
+            counts["vlm"] += 1
+        else:
+            record["text"] = record["class_text"]
+            record["caption_source"] = "template"
+            record["caption_note"] = f"vlm description refused: {CAPTION_REFUSALS[reason]}"
+            refused_counts[reason] = refused_counts.get(reason, 0) + 1
+    counts["template"] = dict(sorted(refused_counts.items()))
+    counts["model"] = model
+    return counts

@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medsyn.data.captions import caption_from_labels, load_vocabulary, vocabulary_terms
+from medsyn.data.captions import caption_from_labels, load_vocabulary, vlm_captions, vocabulary_terms
 from medsyn.data.dataset import MARKER, SPLITS, class_key, image_file_name, read_records, write_records
 from medsyn.data.dedup import DuplicateIndex
 from medsyn.data.manifest import ManifestError, load_manifest, validate_manifest
@@ -66,6 +66,7 @@ class _Candidate:
     sha256: str
     labels: list[str]
     patient_key: str  # the original identifier: kept in memory only, replaced by a pseudonym
+    identifiers: tuple[str, ...] = ()  # identifying header values of a DICOM file, in memory only
 
 
 @dataclass
@@ -161,6 +162,7 @@ class _SourceReader:
         self.name = manifest["name"]
         self.root = (raw_dir / manifest["root"]).resolve()
         self.raw_dir = raw_dir
+        self.identifiers: tuple[str, ...] = ()  # the last decoded DICOM file's identifying header values
         self.table = self._load_table()
         self.vocabulary, self.terms = None, None
         if "vocabulary" in manifest["caption"]:
@@ -288,7 +290,8 @@ class _SourceReader:
         self, rel: str, labels: list[str] | None
     ) -> tuple[list[tuple[str, np.ndarray, list[str]]], list[Rejection], str | None]:
         """Decode a file into (source_item, uint8 image, labels) pieces, per-piece rejections and the
-        DICOM patient key (when patient ids come from DICOM)."""
+        DICOM patient key (when patient ids come from DICOM); a DICOM file's identifying header values
+        are left in `self.identifiers` until the next file, for the caption guard."""
         path = self.root / rel
         fmt = self.m["reader"]["format"]
         if fmt == "auto":
@@ -299,10 +302,11 @@ class _SourceReader:
         prep = self.m["preprocessing"]
         window = (prep["ct_window"]["width"], prep["ct_window"]["level"])
         pieces, rejected, patient_key = [], [], None
+        self.identifiers = ()
 
         if fmt == "dicom":
             image = load_dicom(path)
-            patient_key = image.patient_key
+            patient_key, self.identifiers = image.patient_key, image.identifiers
             frames = image.pixels.shape[0]
             indices = [0] if frames == 1 else slice_indices(frames, positions)
             for i in indices:
@@ -379,6 +383,8 @@ def curate(
     seed: int = 0,
     near_duplicate_correlation: float | None = 0.995,
     progress: bool = True,
+    captioner=None,
+    caption_cache: str | Path | None = None,
 ) -> CurationResult:
     """Curate raw sources into an imagefolder dataset with `metadata.jsonl` and `rejected.csv`.
 
@@ -393,6 +399,11 @@ def curate(
         near_duplicate_correlation: thumbnail correlation at which a perceptual-hash candidate is a
             near duplicate (`medsyn.data.dedup`); None turns near-duplicate removal off.
         progress: show a progress bar.
+        captioner: None for captions from the label templates only; or a vision-language captioner
+            (`medsyn.models.captioner.VLMCaptioner`) whose description of each image joins its
+            template (`medsyn.data.captions.vlm_captions`; refused descriptions keep the template).
+        caption_cache: the captioner's cache file (default `<out_dir>.vlm_captions.jsonl`, beside the
+            dataset so that it outlives a rebuild).
     """
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw_dir.is_dir():
@@ -494,12 +505,18 @@ def curate(
                 rejections.append(Rejection(source_file, reader.name, reason, detail, item))
                 continue
             file_name, sha = _write_png(image, building)
-            candidates.append(_Candidate(reader.name, source_file, item, file_name, sha, item_labels, patient))
+            candidates.append(
+                _Candidate(reader.name, source_file, item, file_name, sha, item_labels, patient, reader.identifiers)
+            )
 
     records = _assign_splits(candidates, loaded, building, seed)
+    captions = {"source": "template"}
+    if captioner is not None:
+        cache = Path(caption_cache) if caption_cache else out_dir.with_name(out_dir.name + ".vlm_captions.jsonl")
+        captions = {"source": "vlm", **vlm_captions(records, building, captioner, cache, _identifiers(candidates))}
     _write_rejections(rejections, building)
     result = CurationResult(out_dir=out_dir, records=records, rejections=rejections, files_in=len(all_files))
-    result.summary = _summary(result, all_files, size, seed, names)
+    result.summary = {**_summary(result, all_files, size, seed, names), "captions": captions}
     (building / SUMMARY).write_text(json.dumps(result.summary, indent=2))
     write_records(building, records, kind="curated")
     _swap_in(building, out_dir)
@@ -592,10 +609,14 @@ def _assign_splits(candidates: list[_Candidate], manifests: list[dict], building
     for c in candidates:
         m = by_name[c.source]
         patient_id = pseudonyms[(c.source, c.patient_key)]
+        template = caption_from_labels(c.labels, m["caption"], m["image_type"])
         records.append(
             {
                 "file_name": c.file_name,
-                "text": caption_from_labels(c.labels, m["caption"], m["image_type"]),
+                "text": template,
+                "class_text": template,
+                "caption_source": "template",
+                "caption_note": "",
                 "split": split_of[(c.source, patient_id)],
                 "specialty": m["specialty"],
                 "image_type": m["image_type"],
@@ -611,6 +632,21 @@ def _assign_splits(candidates: list[_Candidate], manifests: list[dict], building
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(building / STAGING / c.file_name, target)
     return records
+
+
+def _identifiers(candidates: list[_Candidate]) -> set[str]:
+    """What must never reach a caption: every patient key the sources gave, every identifying DICOM
+    header value, and every part of a source path that carries a number (patient00001, a study's
+    accession, a scan's file name)."""
+    found = set()
+    for c in candidates:
+        found.add(c.patient_key.removeprefix("dicom:"))
+        found.update(c.identifiers)
+        for part in Path(c.source_file).parts:
+            stem = Path(part).stem
+            if any(ch.isdigit() for ch in stem):
+                found.add(stem)
+    return {value for value in found if len(value) >= 3}
 
 
 def _write_rejections(rejections: list[Rejection], out_dir: Path) -> None:

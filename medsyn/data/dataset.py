@@ -172,13 +172,14 @@ def class_key(record: dict) -> str:
 
 
 def class_prompts(records: list[dict]) -> dict[str, str]:
-    """Each class (`class_key`) and its caption, in class order; a class whose images carry two
-    different captions is an error, since the prompt would not name one class."""
+    """Each class (`class_key`) and its prompt, in class order: the label template (`class_text`) of a
+    curated record, whose `text` may add a description of that one image, or the `text` of a generated
+    one. A class with two prompts is an error, since the prompt would not name one class."""
     prompts: dict[str, str] = {}
     for record in records:
-        key = class_key(record)
-        if prompts.setdefault(key, record["text"]) != record["text"]:
-            raise ValueError(f"class {key!r} has two captions: {prompts[key]!r} and {record['text']!r}")
+        key, prompt = class_key(record), record.get("class_text", record["text"])
+        if prompts.setdefault(key, prompt) != prompt:
+            raise ValueError(f"class {key!r} has two captions: {prompts[key]!r} and {prompt!r}")
     return dict(sorted(prompts.items()))
 
 

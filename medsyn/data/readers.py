@@ -65,6 +65,33 @@ class DicomImage:
     photometric: str
     voi: tuple[float, float] | None
     patient_key: str | None
+    identifiers: tuple[str, ...] = ()  # identifying header values: kept in memory to keep them out of captions
+
+
+# header elements that identify a patient, a study or a person (DICOM PS3.15 Annex E's basic profile, in part)
+IDENTIFYING_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+)
+
+
+def _identifying_values(ds) -> tuple[str, ...]:
+    """The identifying header values of a DICOM dataset, person names also split into their parts."""
+    values = set()
+    for keyword in IDENTIFYING_KEYWORDS:
+        value = str(ds.get(keyword, "") or "").strip()
+        values.add(value)
+        values.update(part.strip() for part in value.replace("^", "=").split("="))
+    return tuple(sorted(v for v in values if len(v) >= 3))
 
 
 def _first_value(value) -> float:
@@ -143,7 +170,12 @@ def load_dicom(path: str | Path) -> DicomImage:
         voi = (_first_value(ds.WindowCenter), _first_value(ds.WindowWidth))
     patient_key = str(ds.get("PatientID", "")) or None
     return DicomImage(
-        pixels=pixels, modality=str(ds.get("Modality", "")), photometric=photometric, voi=voi, patient_key=patient_key
+        pixels=pixels,
+        modality=str(ds.get("Modality", "")),
+        photometric=photometric,
+        voi=voi,
+        patient_key=patient_key,
+        identifiers=_identifying_values(ds),
     )
 
 

@@ -262,6 +262,15 @@ def cache_latent_moments(vae, dataset_dir: str | Path, records: list[dict], cach
     std.flush()
 
 
+def prompt_rows(records: list[dict], field: str = "text") -> tuple[list[str], np.ndarray]:
+    """The distinct captions (sorted) and, per record, its caption's row in the prompt cache, where
+    row 0 is the empty (unconditional) prompt. `field`: `text` (the training caption) or `class_text`
+    (the label template alone, for Med-Art's template-against-VLM comparison)."""
+    prompts = sorted({r.get(field, r["text"]) for r in records})
+    row = {prompt: 1 + i for i, prompt in enumerate(prompts)}
+    return prompts, np.array([row[r.get(field, r["text"])] for r in records])
+
+
 def cache_prompt_embeddings(
     encode, prompts: list[str], cache_dir: Path, batch_size: int = 256
 ) -> dict[str, np.ndarray]:

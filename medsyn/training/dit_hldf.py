@@ -56,6 +56,7 @@ from medsyn.training.common import (
     min_snr_weights,
     optimizer_step,
     progress_bar,
+    prompt_rows,
     resume_step,
     save_checkpoint,
     save_validation_grid,
@@ -188,6 +189,7 @@ def train_dit(
     text_encoder: str = "minilm",
     text_encoder_path: str | None = None,
     max_sequence_length: int | None = None,
+    caption_field: str = "text",
     config: dict | None = None,
     steps: int = 2000,
     batch_size: int = 32,
@@ -229,6 +231,9 @@ def train_dit(
         text_encoder, text_encoder_path: see `medsyn.models.text_encoders.load_text_encoder` (compact only).
         max_sequence_length: prompt tokens in training (default: PixArt-α's 120 for a pretrained pipeline,
             the text encoder's length for a compact one; shorter prompts cost less cross-attention).
+        caption_field: the records' caption to train on: `text` (with a vision-language model's
+            description when curation added one) or `class_text` (the label template alone): Med-Art's
+            comparison of the two trains one model on each.
         config: PixArtTransformer2DModel overrides of `TRANSFORMER_CONFIG` (compact only).
         steps, batch_size, gradient_accumulation_steps: optimizer steps; images per optimizer step over
             all processes and micro-batches; micro-batches per step.
@@ -289,7 +294,7 @@ def train_dit(
     pipeline.text_encoder.eval().requires_grad_(False)
 
     # latent posteriors and prompt embeddings with their attention masks, cached once
-    prompts = sorted({r["text"] for r in records})
+    prompts, prompt_of = prompt_rows(records, caption_field)
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
             cache_latent_moments(vae, dataset_dir, records, cache)
@@ -302,7 +307,6 @@ def train_dit(
     )
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     mask = np.load(cache / "prompt_attention_mask.npy", mmap_mode="r")
-    prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the unconditional prompt
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 

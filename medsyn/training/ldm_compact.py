@@ -31,6 +31,7 @@ from medsyn.training.common import (
     min_snr_weights,
     optimizer_step,
     progress_bar,
+    prompt_rows,
     resume_step,
     save_checkpoint,
     save_validation_grid,
@@ -350,7 +351,7 @@ def train_unet(
     vae = AutoencoderKL.from_pretrained(require_dir(vae_dir), local_files_only=True).eval().requires_grad_(False)
     encoder = load_text_encoder(text_encoder, text_encoder_path)
     records = split_records(dataset_dir, "train")
-    prompts = sorted({r["text"] for r in records})
+    prompts, prompt_of = prompt_rows(records)
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
@@ -363,7 +364,6 @@ def train_unet(
         np.load(cache / "latent_std.npy", mmap_mode="r"),
     )
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
-    prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the empty prompt
     scaling = vae.config.scaling_factor
 
     unet = UNet2DConditionModel(

@@ -31,6 +31,7 @@ from medsyn.training.common import (
     min_snr_weights,
     optimizer_step,
     progress_bar,
+    prompt_rows,
     resume_step,
     save_checkpoint,
     save_validation_grid,
@@ -150,7 +151,7 @@ def finetune_unet(
         if getattr(pipeline, name, None) is not None:
             getattr(pipeline, name).eval().requires_grad_(False)
     records = split_records(dataset_dir, "train")
-    prompts = sorted({r["text"] for r in records})
+    prompts, prompt_of = prompt_rows(records)
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
@@ -162,7 +163,6 @@ def finetune_unet(
     )
     hidden = np.load(cache / "prompt_hidden_states.npy", mmap_mode="r")
     pooled = np.load(cache / "prompt_pooled.npy", mmap_mode="r") if is_sdxl(pipeline) else None
-    prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])  # row 0 is the unconditional prompt
     scaling = pipeline.vae.config.scaling_factor
     shift = getattr(pipeline.vae.config, "shift_factor", None) or 0.0
     if latent_mean.shape[-1] != pipeline.unet.config.sample_size:

@@ -43,6 +43,7 @@ from medsyn.training.common import (
     min_snr_weights,
     optimizer_step,
     progress_bar,
+    prompt_rows,
     resume_step,
     save_checkpoint,
     save_validation_grid,
@@ -192,7 +193,7 @@ def finetune_flux(
     _frozen(pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2)
     pipeline.tokenizer_2.model_max_length = max_sequence_length  # what the saved pipeline samples with
     records = split_records(dataset_dir, "train")
-    prompts = sorted({r["text"] for r in records})
+    prompts, prompt_of = prompt_rows(records)
     cache = out_dir / "cache"
     with accelerator.main_process_first():
         if accelerator.is_main_process:
@@ -205,7 +206,6 @@ def finetune_flux(
         np.load(cache / "latent_std.npy", mmap_mode="r"),
     )
     hidden, pooled = (np.load(cache / f"prompt_{name}.npy", mmap_mode="r") for name in ("hidden_states", "pooled"))
-    prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])
     channels, height, width = latent_mean.shape[1:]
     if height % 2 or width % 2:
         raise ValueError(f"FLUX packs 2 x 2 latent patches: {height} x {width} latents need even sides")
@@ -408,7 +408,7 @@ def finetune_kandinsky(
     pipeline = load_local(pretrained_dir, "KandinskyV22CombinedPipeline").to(accelerator.device)
     _frozen(pipeline.movq, pipeline.prior_image_encoder, pipeline.prior_text_encoder)
     records = split_records(dataset_dir, "train")
-    prompts = sorted({r["text"] for r in records})
+    prompts, prompt_of = prompt_rows(records)
     cache = out_dir / "cache"
     with accelerator.main_process_first():
         if accelerator.is_main_process:
@@ -420,7 +420,6 @@ def finetune_kandinsky(
     text_embeds, text_hidden, text_mask = (
         np.load(cache / f"prompt_{name}.npy", mmap_mode="r") for name in ("text_embeds", "hidden_states", "mask")
     )
-    prompt_of = np.array([1 + prompts.index(r["text"]) for r in records])
     channels = latents_all.shape[1]
 
     unet, prior = pipeline.unet.train(), pipeline.prior_prior
