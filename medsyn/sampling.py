@@ -27,11 +27,15 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def load_pipeline(path: str | Path):
-    """A diffusers pipeline from a local directory (never the network), on the CPU."""
+    """A diffusers pipeline, or a vq-ar pipeline (`medsyn.models.vq_ar`), from a local directory
+    (never the network), on the CPU."""
     from diffusers import DiffusionPipeline
 
     from medsyn.models.text_encoders import require_dir
+    from medsyn.models.vq_ar import CONFIG_FILE, VQARPipeline
 
+    if (Path(path) / CONFIG_FILE).is_file():
+        return VQARPipeline.from_pretrained(path)
     pipeline = DiffusionPipeline.from_pretrained(require_dir(path, ("model_index.json",)), local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -40,7 +44,9 @@ def load_pipeline(path: str | Path):
 def image_size(pipeline) -> int:
     """The side, in pixels, of the images a pipeline makes by default: its denoiser's sample size (in
     latent pixels, set by medsyn's training loops to the trained size) times the autoencoder's scale.
-    FLUX's transformer has no sample size; its pipeline's default stands in."""
+    FLUX's transformer has no sample size; its pipeline's default stands in. A vq-ar pipeline knows its own."""
+    if hasattr(pipeline, "grid"):
+        return pipeline.sample_size
     denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
     latent = getattr(denoiser.config, "sample_size", None) or pipeline.default_sample_size
     if hasattr(pipeline, "vae_scale_factor"):
@@ -130,12 +136,24 @@ SCHEDULERS = {
 }
 
 
+def sampler_settings(pipeline, scheduler: str, steps: int, guidance_scale: float) -> dict:
+    """The settings recorded with each image: the diffusion sampler's, or for an autoregressive
+    pipeline (vq-ar), which has no scheduler and always decodes H x W steps, those it ran with."""
+    if hasattr(pipeline, "grid"):
+        return {
+            "scheduler": "autoregressive",
+            "steps": pipeline.grid[0] * pipeline.grid[1],
+            "guidance_scale": guidance_scale,
+        }
+    return {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale}
+
+
 def set_scheduler(pipeline, name: str) -> None:
     """Replace the pipeline's sampler by `name` (a key of `SCHEDULERS`, or 'pipeline' to keep its own),
-    keeping the trained noise schedule and prediction type."""
+    keeping the trained noise schedule and prediction type. An autoregressive pipeline has none."""
     import diffusers
 
-    if name == "pipeline":
+    if name == "pipeline" or hasattr(pipeline, "grid"):
         return
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {['pipeline', *SCHEDULERS]}")
@@ -218,7 +236,7 @@ def sample_class_prompts(
         batch_size=batch_size,
     )
     return write_generated_dataset(
-        samples, out_dir, model, classes, {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale}
+        samples, out_dir, model, classes, sampler_settings(pipeline, scheduler, steps, guidance_scale)
     )
 
 
@@ -251,7 +269,10 @@ def sample_families(
         started = time.perf_counter()
         if is_dataset(out):
             kept = read_records(out)
-            differing = {k: kept[0].get(k) for k, v in settings.items() if kept[0].get(k) != v}
+            expected = dict(settings)
+            if kept[0].get("scheduler") == "autoregressive":  # vq-ar: no scheduler, its own number of steps
+                expected.update(scheduler="autoregressive", steps=kept[0].get("steps"))
+            differing = {k: kept[0].get(k) for k, v in expected.items() if kept[0].get(k) != v}
             if differing or len(kept) != per_prompt * prompts:
                 raise ValueError(
                     f"{out} holds images sampled differently ({differing or f'{len(kept)} images'}); "
@@ -273,14 +294,14 @@ def sample_families(
             )
             status = "sampled"
         seconds = time.perf_counter() - started
-        images = len(read_records(out))
+        written = read_records(out)
         rows.append(
             {
                 "family": family,
-                "images": images,
+                "images": len(written),
                 "status": status,
-                "seconds_per_image": seconds / images if status == "sampled" else float("nan"),
-                **settings,
+                "seconds_per_image": seconds / len(written) if status == "sampled" else float("nan"),
+                **{k: written[0].get(k) for k in settings},  # as recorded: vq-ar's differ
             }
         )
     return pd.DataFrame(rows)

@@ -51,8 +51,12 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     assert (run_dir / "models" / "domain_clip" / "text_encoder_sd" / "text_encoder" / "config.json").is_file()
     # 05-07: a generated dataset per family, the fidelity table, the privacy table with its planted controls
     classes = class_prompts(split_records(curated, "train"))
-    for family in ("ldm-compact", "ldm-finetune", "dit-hldf"):
+    for family in ("ldm-compact", "ldm-finetune", "dit-hldf", "vq-ar"):
         assert len(read_records(run_dir / "data" / "generated" / family)) == 3 * len(classes)
+    # 04: the vq-ar tokenizer's report, and its images recorded as autoregressive samples
+    tokenizer = pd.read_csv(run_dir / "figures" / "vq_ar_tokenizer.csv")
+    assert 0 < tokenizer.loc[0, "codes_in_use"] <= 1 and tokenizer.loc[0, "psnr_db"] > 0
+    assert {r["scheduler"] for r in read_records(run_dir / "data" / "generated" / "vq-ar")} == {"autoregressive"}
     for name in (
         "sampling.csv",
         "generated_vs_real.png",
@@ -65,10 +69,10 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     ):
         assert (run_dir / "figures" / f"{name}.provenance.json").is_file(), name
     fidelity = pd.read_csv(run_dir / "figures" / "fidelity.csv").set_index("family")
-    assert list(fidelity.index) == ["real", "ldm-compact", "ldm-finetune", "dit-hldf"]
+    assert list(fidelity.index) == ["real", "ldm-compact", "ldm-finetune", "dit-hldf", "vq-ar"]
     assert fidelity["FD_domain_clip"].notna().all() and fidelity["FID"].isna().all()  # no Inception weights here
     pairs = pd.read_csv(run_dir / "figures" / "privacy_pairs.csv")
-    assert (pairs.loc[pairs["planted"], "tiled_l2"] == 0).all() and pairs["planted"].sum() == 3
+    assert (pairs.loc[pairs["planted"], "tiled_l2"] == 0).all() and pairs["planted"].sum() == 4
     # 08: three training sets plus one per family, and their bootstrap comparisons
     downstream = pd.read_csv(run_dir / "figures" / "downstream.csv")
     assert downstream["training_set"].tolist() == ["real", "real_half", "real_half+ldm-compact", "real_half+dit-hldf"]
@@ -76,7 +80,7 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     assert len(pd.read_csv(run_dir / "figures" / "downstream_bootstrap.csv")) == 5
     # 09: the comparison, and a blinded study ready to serve (no answers yet)
     comparison = pd.read_csv(run_dir / "figures" / "comparison.csv").set_index("family")
-    assert list(comparison.index) == ["ldm-compact", "ldm-finetune", "dit-hldf"]
+    assert list(comparison.index) == ["ldm-compact", "ldm-finetune", "dit-hldf", "vq-ar"]
     assert (run_dir / "reader_study" / "study.json").is_file()
     assert (run_dir / "figures" / "reader_study.png.provenance.json").is_file()
 
@@ -273,6 +277,7 @@ def test_a_paper_run_with_nothing_on_disk_lists_everything_missing_within_second
         "kandinsky_prior_dir",
         "kandinsky_decoder_dir",
         "pretrained_dir",
+        "pretrained_lm_dir",
         "inception_weights",
         "embedder_dir",
         "imagenet_weights",

@@ -1,0 +1,157 @@
+"""vq-ar on a tiny data set: the tokenizer's codebook does not collapse and reloads with diffusers'
+VQModel, the LM's loss drops and resume is bitwise, the sampler returns exactly H x W image codes
+whatever the model prefers, a seed gives the same codes and pixels, the clue bank sees training
+images only, and `medsyn sample` treats the pipeline like any other."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import write_tiny_dataset
+
+from medsyn.data.dataset import read_records, split_records
+from medsyn.models.vq_ar import VQARPipeline, _filter_logits, build_text_tokenizer, retrieve_clues
+from medsyn.sampling import generate, sample_class_prompts
+from medsyn.training.vq_ar import clue_bank, train_lm, train_vq
+
+TINY_VQ = {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4}
+TINY_LM = {"n_embd": 32, "n_layer": 2, "n_head": 2}
+LM = {"config": TINY_LM, "prompt_tokens": 6, "clue_tokens": 3, "batch_size": 8, "lr_warmup_steps": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vq_ar")
+    data = write_tiny_dataset(root / "data", size=16, n=32)
+    vq = train_vq(
+        data, root / "vq", steps=60, batch_size=8, codes=16, config=TINY_VQ, adversarial_start=40, progress=False
+    )
+    return {"data": data, "vq": vq, "root": root}
+
+
+def test_the_codebook_stays_in_use_and_the_tokenizer_reloads_with_diffusers(tiny):
+    from diffusers import VQModel
+
+    vq = tiny["vq"]
+    history = vq["l1_history"]
+    assert np.mean(history[-10:]) < 0.5 * np.mean(history[:5])  # reconstruction learns
+    assert vq["codes_in_use"] >= 0.5 and vq["perplexity"] > 4  # 16 codes: k-means start, dead codes restarted
+    assert vq["psnr"] > 15 and vq["reconstructions"].shape == vq["originals"].shape
+    model = VQModel.from_pretrained(vq["vq_dir"], local_files_only=True)
+    images = torch.from_numpy(vq["originals"][:4].transpose(0, 3, 1, 2).astype(np.float32)) / 127.5 - 1
+    with torch.no_grad():  # diffusers' own quantiser picks the nearest code, as training did
+        latents = model.encode(images).latents
+        _, _, (_, _, own) = model.quantize(latents)
+        decoded = model.decode(latents).sample
+    codebook = model.quantize.embedding.weight
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    assert torch.equal(own.flatten(), torch.cdist(flat, codebook).argmin(1))
+    pictures = ((decoded + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(pictures.astype(int) - vq["reconstructions"][:4]).max() <= 1
+
+
+def test_the_lm_learns_resumes_exactly_and_the_pipeline_reloads(tiny, tmp_path):
+    vq_dir = tiny["vq"]["vq_dir"]
+    straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=40, lr=3e-3, **LM)
+    assert np.mean(straight["loss_history"][-5:]) < 0.8 * np.mean(straight["loss_history"][:5])
+    train_lm(tiny["data"], vq_dir, tmp_path / "resumed", steps=20, lr=3e-3, **LM)
+    resumed = train_lm(tiny["data"], vq_dir, tmp_path / "resumed", steps=40, lr=3e-3, **LM)
+    assert len(resumed["loss_history"]) == 20 and resumed["loss_history"] == straight["loss_history"][20:]
+    a = load_file(tmp_path / "straight" / "pipeline" / "lm" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "pipeline" / "lm" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    pipeline = VQARPipeline.from_pretrained(straight["pipeline_dir"])
+    assert pipeline.sample_size == 16 and pipeline.grid == (8, 8)
+    seeds = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    first = pipeline(["A cyan bar.", "A red disc."], guidance_scale=2.0, output_type="np", generator=seeds)
+    again = pipeline(
+        ["A cyan bar.", "A red disc."],
+        guidance_scale=2.0,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+    )
+    assert first.images.shape == (2, 16, 16, 3)
+    assert torch.equal(first.codes, again.codes) and np.array_equal(first.images, again.images)  # bitwise
+    alone = pipeline(
+        ["A red disc."], guidance_scale=2.0, output_type="np", generator=[torch.Generator().manual_seed(4)]
+    )
+    assert torch.equal(alone.codes[0], first.codes[1])  # an image's seed regenerates it on its own
+    assert np.array_equal(pipeline.decode(first.codes).numpy(), first.images)
+
+
+def test_the_sampler_returns_exactly_hw_image_codes_even_when_the_model_prefers_text(tiny, tmp_path):
+    result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=2, **LM)
+    pipeline = VQARPipeline.from_pretrained(result["pipeline_dir"])
+    with torch.no_grad():  # every text id and <eoi> gets a far larger logit than any image code
+        pipeline.lm.lm_head.weight[: pipeline.offset] *= 0
+        pipeline.lm.transformer.ln_f.bias.fill_(5.0)
+        pipeline.lm.lm_head.weight[: pipeline.offset] += 10.0
+        logits = pipeline.lm(input_ids=pipeline.context(["A cyan bar."])).logits[0, -1]
+    assert logits[: pipeline.offset].min() > logits[pipeline.offset :].max()  # the model wants text
+    for guidance in (1.0, 3.0):
+        for top in ({}, {"top_k": 3}, {"top_p": 0.5}):
+            codes = pipeline.sample_codes(["A cyan bar."] * 2, [torch.Generator().manual_seed(0)] * 2, guidance, **top)
+            assert codes.shape == (2, 8, 8) and codes.min() >= 0 and codes.max() < pipeline.codes
+
+
+def test_top_k_and_top_p_keep_what_they_promise():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(_filter_logits(logits, 2, None)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(_filter_logits(logits, None, 0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(_filter_logits(logits, None, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(_filter_logits(logits, None, 0.81)).tolist() == [[True, True, True, False]]
+
+
+def test_the_clue_bank_is_built_from_training_images_only_and_retrieved_from_text(tiny):
+    records = split_records(tiny["data"], "train")
+    codes = np.zeros((len(records), 2, 2), dtype=np.int64)
+    for i, record in enumerate(records):  # bars use codes 1 and 2, discs 3 and 4, all use 0
+        codes[i] = [[0, 1], [2, 0]] if "bar" in record["labels"] else [[0, 3], [4, 0]]
+    bank = clue_bank(codes, records, per_term=2)
+    assert {term: sorted(c) for term, c in bank.items()} == {"bar": [1, 2], "disc": [3, 4]}
+    with pytest.raises(ValueError, match="training images only"):
+        clue_bank(codes[:2], [records[0], {**records[1], "split": "validation"}])
+    assert sorted(retrieve_clues("A cyan bar.", bank, 3)) == [1, 2]
+    assert retrieve_clues("A red disc next to a bar.", {"bar": [1, 2], "disc": [3, 4]}, 3) == [1, 3, 2]
+    assert retrieve_clues("Nothing here.", bank, 3) == [] and retrieve_clues("barn", bank, 3) == []
+
+
+def test_the_text_tokenizer_splits_words_and_punctuation():
+    tokenizer = build_text_tokenizer(["Dermoscopy image showing melanoma."])
+    ids = tokenizer("Dermoscopy image showing a melanoma.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["dermoscopy", "image", "showing", "<unk>", "melanoma", "."]
+
+
+def test_medsyn_sample_writes_a_generated_dataset_from_a_vq_ar_pipeline(tiny, tmp_path):
+    result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=4, **LM)
+    out = sample_class_prompts(result["pipeline_dir"], tiny["data"], tmp_path / "gen", "vq-ar", 2, guidance_scale=2.0)
+    records = read_records(out)
+    assert len(records) == 4 and {r["scheduler"] for r in records} == {"autoregressive"}
+    assert {r["steps"] for r in records} == {64} and {r["model"] for r in records} == {"vq-ar"}
+    pipeline = VQARPipeline.from_pretrained(result["pipeline_dir"])
+    record = records[3]  # its seed alone regenerates it
+    alone = pipeline(
+        [record["text"]],
+        guidance_scale=2.0,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(record["seed"])],
+    )
+    written = np.asarray(Image.open(out / "train" / record["file_name"]))
+    assert np.array_equal(written, np.rint(alone.images[0] * 255).astype(np.uint8))
+    assert generate(pipeline, [record["text"]], 1, seed=0, guidance_scale=2.0)[0]["image"].shape == (16, 16, 3)
+
+
+def test_samples_follow_their_prompt(tiny, tmp_path):
+    """Trained a little longer, the LM draws cyan bars for "A cyan bar." and red discs for "A red
+    disc.": every bar sample is bluer than every disc sample (red minus blue, the colour that tells
+    the two classes of the tiny data set apart)."""
+    result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=150, lr=3e-3, **LM)
+    pipeline = VQARPipeline.from_pretrained(result["pipeline_dir"])
+    seeds = [torch.Generator().manual_seed(i) for i in range(16)]
+    images = pipeline(
+        ["A cyan bar."] * 8 + ["A red disc."] * 8, guidance_scale=2.0, output_type="np", generator=seeds
+    ).images
+    redness = images[..., 0].mean(axis=(1, 2)) - images[..., 2].mean(axis=(1, 2))
+    assert redness[:8].max() < redness[8:].min(), redness.round(2)
