@@ -34,6 +34,7 @@ import pandas as pd
 from PIL import Image
 
 from medsyn.data.dataset import class_key, class_prompts, image_path, split_records
+from medsyn.intervals import proportion_interval
 
 READER = re.compile(r"[A-Za-z0-9_-]{1,32}")
 TOKEN = re.compile(r"[0-9a-f]{16}")
@@ -364,14 +365,6 @@ def serve(
     return server
 
 
-def _wilson(successes: int, total: int) -> tuple[float, float]:
-    """The Wilson score 95 % interval of a proportion."""
-    from scipy.stats import binomtest
-
-    interval = binomtest(int(successes), int(total)).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(interval.low), float(interval.high)
-
-
 def _answers_with_key(study_dir: Path, responses: str | Path | None) -> pd.DataFrame:
     key = json.loads((study_dir / "key.json").read_text())
     answers = read_answers(Path(responses) if responses else study_dir / "responses.jsonl")
@@ -399,7 +392,7 @@ def reader_table(study_dir: str | Path, responses: str | Path | None = None) -> 
     rows = []
     for family, group in frame.groupby("family", sort=False):
         correct = int(group["correct"].sum())
-        low, high = _wilson(correct, len(group))
+        low, high = proportion_interval(correct, len(group))
         row = {
             "family": family,
             "answers": len(group),
@@ -412,7 +405,7 @@ def reader_table(study_dir: str | Path, responses: str | Path | None = None) -> 
         judged = group["judged_real"].dropna().astype(bool)
         if len(judged):
             row["judged_real"] = judged.mean()
-            row["judged_real_low"], row["judged_real_high"] = _wilson(int(judged.sum()), len(judged))
+            row["judged_real_low"], row["judged_real_high"] = proportion_interval(int(judged.sum()), len(judged))
         rows.append(row)
     columns = ["family", "answers", "readers", "class_accuracy", "class_accuracy_low", "class_accuracy_high"]
     return pd.DataFrame(rows, columns=None if rows else [*columns, "mean_confidence"])
@@ -430,7 +423,7 @@ def turing_table(study_dir: str | Path, responses: str | Path | None = None) -> 
             continue
         right = group["judged_real"].astype(bool) == (group["source"] == "real")
         real, synthetic = group["source"] == "real", group["source"] == "synthetic"
-        low, high = _wilson(int(right.sum()), len(group))
+        low, high = proportion_interval(int(right.sum()), len(group))
         rows.append(
             {
                 "reader": reader,

@@ -80,9 +80,10 @@ def generate(
     steps: int = 25,
     guidance_scale: float = 4.0,
     batch_size: int = 32,
+    batch_seconds: list | None = None,
 ) -> list[dict]:
     """`per_prompt` images for each prompt, in batches; returns dicts with prompt_id, prompt, seed and
-    the uint8 image. The image with record seed s is `pipeline(prompt, generator=torch.Generator()
+    the uint8 image; `batch_seconds`, when given, receives each batch's seconds per image. The image with record seed s is `pipeline(prompt, generator=torch.Generator()
     .manual_seed(s), ...)` alone: each image's starting noise comes from its own generator.
 
     Args:
@@ -102,6 +103,7 @@ def generate(
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
+        began = time.perf_counter()
         images = pipeline(
             [p for _, p, _ in chunk],
             height=size,
@@ -112,6 +114,8 @@ def generate(
             generator=[torch.Generator().manual_seed(s) for _, _, s in chunk],
             **options,
         ).images
+        if batch_seconds is not None:
+            batch_seconds.append((time.perf_counter() - began) / len(chunk))
         for (i, p, s), image in zip(chunk, images):
             out.append({"prompt_id": i, "prompt": p, "seed": s, "image": np.rint(image * 255).astype(np.uint8)})
     return out
@@ -217,10 +221,11 @@ def sample_class_prompts(
     steps: int = 50,
     guidance_scale: float = 7.0,
     batch_size: int = 32,
+    batch_seconds: list | None = None,
 ) -> Path:
     """`per_prompt` images for each class prompt of a curated dataset's training split, written as a
     generated dataset (`write_generated_dataset`). Defaults are MediSyn's sampler: Euler, 50 steps,
-    CFG 7. Returns the dataset directory."""
+    CFG 7. Returns the dataset directory; `batch_seconds` receives each batch's seconds per image."""
     if is_dataset(out_dir):  # before any sampling work
         raise FileExistsError(f"{out_dir} holds a dataset: write each generated dataset to a new directory")
     classes = list(class_fields(split_records(dataset_dir, "train")).values())
@@ -234,6 +239,7 @@ def sample_class_prompts(
         steps=steps,
         guidance_scale=guidance_scale,
         batch_size=batch_size,
+        batch_seconds=batch_seconds,
     )
     return write_generated_dataset(
         samples, out_dir, model, classes, sampler_settings(pipeline, scheduler, steps, guidance_scale)
@@ -256,9 +262,12 @@ def sample_families(
     with the same settings and count; otherwise this stops and names the directory to remove.
 
     Returns:
-        one row per family: images, status ('sampled' or 'kept'), seconds per image (NaN when kept)
-        and the sampler settings.
+        one row per family: images, status ('sampled' or 'kept'), seconds per image of the whole run
+        and the 95 % bootstrap interval of the batches' seconds per image (NaN when kept), and the
+        sampler settings.
     """
+    from medsyn.intervals import mean_interval
+
     if not pipelines:
         raise ValueError("no pipelines to sample: give family -> saved pipeline directory")
     settings = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale}
@@ -266,7 +275,7 @@ def sample_families(
     rows = []
     for family, pipeline_dir in pipelines.items():
         out = Path(generated_dir) / family
-        started = time.perf_counter()
+        started, batches = time.perf_counter(), []
         if is_dataset(out):
             kept = read_records(out)
             expected = dict(settings)
@@ -291,6 +300,7 @@ def sample_families(
                 steps=steps,
                 guidance_scale=guidance_scale,
                 batch_size=batch_size,
+                batch_seconds=batches,
             )
             status = "sampled"
         seconds = time.perf_counter() - started
@@ -301,6 +311,7 @@ def sample_families(
                 "images": len(written),
                 "status": status,
                 "seconds_per_image": seconds / len(written) if status == "sampled" else float("nan"),
+                **dict(zip(("seconds_per_image_low", "seconds_per_image_high"), mean_interval(batches))),
                 **{k: written[0].get(k) for k in settings},  # as recorded: vq-ar's differ
             }
         )

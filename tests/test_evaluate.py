@@ -39,7 +39,7 @@ def setup(tmp_path_factory) -> dict:
 def test_real_copies_score_near_the_floor_and_noise_far_from_it(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv("MEDSYN_INCEPTION_WEIGHTS", raising=False)
-    table, note, alignment = fidelity_table(
+    table, note, alignment, _ = fidelity_table(
         setup["data"],
         {"copies": setup["root"] / "copies", "noise": setup["root"] / "noise"},
         setup["clip"],
@@ -60,6 +60,9 @@ def test_real_copies_score_near_the_floor_and_noise_far_from_it(setup, tmp_path,
         "tiny: disc": 1.0,
     }
     assert table["FID"].isna().all() and "FID not computed" in note and str(tmp_path / "torch_home") in note
+    for metric in ("FD_domain_clip", "KID_domain_clip", "precision", "domain_clip_score", "alignment_macro"):
+        inside = (table[f"{metric}_low"] <= table[metric] + 1e-9) & (table[metric] <= table[f"{metric}_high"] + 1e-9)
+        assert inside.all(), metric
     assert plot_fidelity(table).axes
     figure = plot_real_and_generated(setup["data"], {"copies": setup["root"] / "copies"}, split="validation")
     assert len(figure.axes) == 2 * 2 * 2  # 2 classes x (real, copies) x 2 images
@@ -133,7 +136,15 @@ def test_comparison_table_collects_each_familys_numbers(tmp_path):
         "alignment_macro",
     ]
     pd.DataFrame(
-        [{"family": f, **{c: i + k / 10 for k, c in enumerate(columns)}} for i, f in enumerate(["real", "a", "b"])]
+        [
+            {
+                "family": f,
+                **{c: i + k / 10 for k, c in enumerate(columns)},
+                **{f"{c}_low": i + k / 10 - 0.01 for k, c in enumerate(columns)},
+                **{f"{c}_high": i + k / 10 + 0.01 for k, c in enumerate(columns)},
+            }
+            for i, f in enumerate(["real", "a", "b"])
+        ]
     ).to_csv(tmp_path / "fidelity.csv", index=False)
     pd.DataFrame(
         [
@@ -142,8 +153,12 @@ def test_comparison_table_collects_each_familys_numbers(tmp_path):
                 "specialty": s,
                 "pairs": 10,
                 "mean": 0.3,
+                "mean_low": 0.25,
+                "mean_high": 0.35,
                 "sd": 0.1,
                 "pairs_at_most_0.15": n,
+                "share_at_most_low": 0.0,
+                "share_at_most_high": 0.4,
                 "wilcoxon_p_greater": 0.01,
             }
             for f, n in (("a", 1), ("b", 0))
@@ -165,15 +180,107 @@ def test_comparison_table_collects_each_familys_numbers(tmp_path):
             for t in ("x", "y")
         ]
     ).to_csv(tmp_path / "downstream_bootstrap.csv", index=False)
-    pd.DataFrame([{"family": f, "images": 10, "seconds_per_image": s} for f, s in (("a", 0.5), ("b", 2.0))]).to_csv(
-        tmp_path / "sampling.csv", index=False
-    )
+    pd.DataFrame(
+        [
+            {
+                "family": f,
+                "images": 10,
+                "seconds_per_image": s,
+                "seconds_per_image_low": s - 0.1,
+                "seconds_per_image_high": s + 0.1,
+            }
+            for f, s in (("a", 0.5), ("b", 2.0))
+        ]
+    ).to_csv(tmp_path / "sampling.csv", index=False)
     table = comparison_table(tmp_path, ["a", "b"])
     assert table.loc["a", "FD_domain_clip"] == 1.1 and table.loc["b", "alignment_macro"] == pytest.approx(2.8)
     assert table.loc["a", "likely_copies"] == "1 / 10" and table.loc["b", "likely_copies"] == "0 / 10"
     assert table.loc["b", "auroc_gain_over_half_real"] == pytest.approx(-0.04)
     assert table.loc["a", "auroc_gain_intervals"] == "x: [-0.080, +0.120]; y: [-0.080, +0.120]"
     assert table.loc["b", "seconds_per_image"] == 2.0
+    # every number has its interval; the mean gain's combines the tasks' (two tasks, half-width 0.1 each)
+    numbers = [
+        c
+        for c in table.columns
+        if c not in ("likely_copies", "auroc_gain_intervals") and not c.endswith(("_low", "_high"))
+    ]
+    assert all(f"{c}_low" in table and f"{c}_high" in table for c in numbers), numbers
+    assert table.loc["a", "auroc_gain_over_half_real_high"] - 0.02 == pytest.approx(0.1 / np.sqrt(2))
+    assert table.loc["a", "alignment_macro_low"] == pytest.approx(1.8 - 0.01)
+    assert table.loc["b", "likely_copies_share"] == 0.0 and table.loc["b", "likely_copies_share_high"] == 0.4
+    assert plot_comparison_has_error_bars(table)
     (tmp_path / "sampling.csv").unlink()
     with pytest.raises(FileNotFoundError, match="sampling.csv is missing"):
         comparison_table(tmp_path, ["a"])
+
+
+def test_bootstrap_intervals_agree_with_a_plain_resampling_loop():
+    """The percentile interval of a two-set statistic (a Fréchet distance of two feature sets, each
+    resampled on its own) from medsyn's scipy call and from a plain numpy loop: bounds within the
+    Monte Carlo error of 2,000 resamples (a tenth of the interval's width)."""
+    from medsyn.intervals import bootstrap_interval
+    from medsyn.metrics.fidelity import feature_statistics, frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 3)), rng.normal(0.5, 1.2, size=(50, 3))
+
+    def fd(i, j):
+        return frechet_distance(*feature_statistics(a[i]), *feature_statistics(b[j]))
+
+    low, high = bootstrap_interval(fd, (60, 50), resamples=2000, seed=1)
+    loop = np.random.default_rng(2)
+    values = [fd(loop.integers(0, 60, 60), loop.integers(0, 50, 50)) for _ in range(2000)]
+    plain_low, plain_high = np.percentile(values, [2.5, 97.5])
+    width = plain_high - plain_low
+    assert abs(low - plain_low) < 0.1 * width and abs(high - plain_high) < 0.1 * width
+    assert low < fd(np.arange(60), np.arange(50)) < high
+    # a paired difference: the same rows from both sides
+    x = rng.normal(size=80)
+    y = x + 0.3 + rng.normal(0, 0.1, size=80)
+    low, high = bootstrap_interval(lambda i, j: y[i].mean() - x[j].mean(), (80, 80), 2000, seed=3, paired=True)
+    loop_values = [(y[i] - x[i]).mean() for i in (loop.integers(0, 80, 80) for _ in range(2000))]
+    plain_low, plain_high = np.percentile(loop_values, [2.5, 97.5])
+    assert abs(low - plain_low) < 0.1 * (plain_high - plain_low) and abs(high - plain_high) < 0.1 * (
+        plain_high - plain_low
+    )
+    assert high - low < 0.1  # pairing removes the shared spread of x
+
+
+def test_families_sampled_with_the_same_prompts_and_seeds_get_paired_differences(setup, tmp_path, monkeypatch):
+    from medsyn.metrics.evaluate import describe_differences
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("MEDSYN_INCEPTION_WEIGHTS", raising=False)
+    images, train = load_split(setup["data"], "train")
+    classes = list(class_fields(train).values())
+    prompts = [c["text"] for c in classes]
+    plan = [(prompts.index(r["text"]), r["text"], 100 + i) for i, r in enumerate(train[:8])]  # one sampling plan
+    rng = np.random.default_rng(5)
+    settings = {"scheduler": "none", "steps": 0, "guidance_scale": 0}
+    good = [{"prompt_id": p, "prompt": t, "seed": s, "image": images[i]} for i, (p, t, s) in enumerate(plan)]
+    bad = [{**g, "image": rng.integers(0, 256, g["image"].shape, dtype=np.uint8)} for g in good]
+    write_generated_dataset(good, tmp_path / "good", "good", classes, settings)
+    write_generated_dataset(bad, tmp_path / "bad", "bad", classes, settings)
+    _, _, _, differences = fidelity_table(
+        setup["data"],
+        {"good": tmp_path / "good", "bad": tmp_path / "bad"},
+        setup["clip"],
+        setup["probe"],
+        real_split="validation",
+        niqe_block=16,
+        resamples=300,
+    )
+    rows = differences.set_index("metric")
+    assert set(rows.index) >= {"FD_domain_clip", "precision", "domain_clip_score", "alignment_macro"}
+    assert (rows["pairs"] == 8).all() and (rows["family"] == "good").all() and (rows["other"] == "bad").all()
+    fd = rows.loc["FD_domain_clip"]
+    assert fd["difference"] < 0 and fd["resolved"] and fd["better"] == "good"
+    assert rows.loc["domain_clip_score", "better"] == "good"
+    assert "FD_domain_clip**: resolved: good better than bad" in describe_differences(differences)
+
+
+def plot_comparison_has_error_bars(table) -> bool:
+    from medsyn.metrics.evaluate import plot_comparison
+
+    figure = plot_comparison(table)
+    return all(any(len(c.get_segments()) for c in ax.collections) for ax in figure.axes)

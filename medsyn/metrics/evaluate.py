@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 
 from medsyn.data.dataset import class_key, class_prompts, image_path, load_rgb, load_split, split_records
+from medsyn.intervals import bootstrap_interval, resolved
 from medsyn.metrics.fidelity import (
     feature_statistics,
     frechet_distance,
     inception_features,
     inception_weights,
     kernel_distance,
-    ms_ssim_diversity,
+    ms_ssim_pairs,
     precision_recall,
 )
 from medsyn.metrics.niqe import niqe
@@ -43,16 +44,72 @@ def equal_counts(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[np.ndarra
 def within_class_ms_ssim(images: np.ndarray, classes: list[str], pairs: int = 50, seed: int = 0) -> tuple[float, int]:
     """Mean over classes (with at least two images) of the MS-SSIM of random same-class pairs, and the
     window used; (NaN, 0) for images under 33 pixels, too small for five MS-SSIM scales."""
+    values, pair_classes, window = within_class_ms_ssim_pairs(images, classes, pairs, seed)
+    return (macro_mean(values, pair_classes) if len(values) else float("nan")), window
+
+
+def within_class_ms_ssim_pairs(
+    images: np.ndarray, classes: list[str], pairs: int = 50, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The MS-SSIM of each random same-class pair, the class of each pair, and the window."""
     if min(images.shape[1:3]) < 33:
-        return float("nan"), 0
+        return np.zeros(0), np.zeros(0, dtype=object), 0
     classes = np.asarray(classes)
-    values, window = [], 0
+    values, owners, window = [], [], 0
     for c in np.unique(classes):
         members = images[classes == c]
         if len(members) >= 2:
-            value, window = ms_ssim_diversity(members, pairs=pairs, seed=seed)
-            values.append(value)
-    return (float(np.mean(values)) if values else float("nan")), window
+            found, window = ms_ssim_pairs(members, pairs=pairs, seed=seed)
+            values.append(found)
+            owners += [c] * len(found)
+    if not values:
+        return np.zeros(0), np.zeros(0, dtype=object), 0
+    return np.concatenate(values), np.asarray(owners), window
+
+
+# each metric of the table: whether lower is better, for the words of the report
+LOWER_IS_BETTER = {
+    "FID": True,
+    "KID_inception": True,
+    "FD_domain_clip": True,
+    "KID_domain_clip": True,
+    "precision": False,
+    "recall": False,
+    "NIQE_generated": True,
+    "MS_SSIM_within_class": True,
+    "domain_clip_score": False,
+    "alignment_macro": False,
+}
+
+
+def _set_measures(features, real_features, inception, real_inception, niqes, scores, correct, classes, pairs):
+    """The table's statistics of one image set as functions of index arrays: (generated rows, real
+    rows) for the two-set metrics, rows for the per-image ones, pairs for MS-SSIM."""
+    two = {
+        "FD_domain_clip": lambda g, r: frechet_distance(
+            *feature_statistics(features[g]), *feature_statistics(real_features[r])
+        ),
+        "KID_domain_clip": lambda g, r: kernel_distance(real_features[r], features[g], subsets=10)[0],
+    }
+    if len(features) > 3:
+        two["precision"] = lambda g, r: precision_recall(real_features[r], features[g])["precision"]
+        two["recall"] = lambda g, r: precision_recall(real_features[r], features[g])["recall"]
+    if inception is not None:
+        two["FID"] = lambda g, r: frechet_distance(
+            *feature_statistics(inception[g]), *feature_statistics(real_inception[r])
+        )
+        two["KID_inception"] = lambda g, r: kernel_distance(real_inception[r], inception[g], subsets=10)[0]
+    one = {
+        "NIQE_generated": lambda i: float(niqes[i].mean()),
+        "domain_clip_score": lambda i: float(scores[i].mean()),
+        "alignment_macro": lambda i: macro_mean(correct[i], classes[i]),
+    }
+    return two, one, pairs
+
+
+def macro_mean(values: np.ndarray, classes: np.ndarray) -> float:
+    """The mean over classes of each class's mean value (macro accuracy for 0/1 values)."""
+    return float(np.mean([values[classes == c].mean() for c in np.unique(classes)]))
 
 
 def fidelity_table(
@@ -66,9 +123,13 @@ def fidelity_table(
     niqe_block: int = 96,
     seed: int = 0,
     require_fid: bool = False,
-) -> tuple[pd.DataFrame, str, dict]:
+    resamples: int = 500,
+) -> tuple[pd.DataFrame, str, dict, pd.DataFrame]:
     """One row per generated dataset, plus a `real` row (the `reference_split` images against the
-    `real_split` images: the floor every family is measured against).
+    `real_split` images: the floor every family is measured against); every metric with its 95 %
+    percentile bootstrap interval (`<metric>_low`, `<metric>_high`): generated and real images
+    resampled on their own for the distances, images for the per-image means, same-class pairs for
+    MS-SSIM (`medsyn.intervals`).
 
     Args:
         real_dir: the curated dataset.
@@ -78,12 +139,14 @@ def fidelity_table(
         real_split: the real images every set is compared with; reference_split: the real images of the `real` row.
         inception_path: InceptionV3 weights for FID (else $MEDSYN_INCEPTION_WEIGHTS / the torch hub cache).
         niqe_block: NIQE block size (LIVE's 96 needs images of at least 96 px).
-        seed: seed of the equal-count draws and of the MS-SSIM pairs.
+        seed: seed of the equal-count draws, of the MS-SSIM pairs and of the resampling.
         require_fid: raise when InceptionV3's weights are missing instead of leaving FID out.
+        resamples: bootstrap resamples of every interval.
 
     Returns:
-        (the table, a note on the Inception weights: where they came from, or why FID is missing, and
-        per family the classifier's result on its images: accuracy, macro_accuracy, per_class, n).
+        (the table, a note on the Inception weights: where they came from, or why FID is missing,
+        per family the classifier's result on its images: accuracy, macro_accuracy, per_class, n,
+        and the paired differences of every two families: `fidelity_differences`'s table).
     """
     from medsyn.models.class_probe import TrainedProbe, to_probe_input
     from medsyn.models.domain_clip import embed_images, embed_texts, load_domain_clip
@@ -108,7 +171,7 @@ def fidelity_table(
     real_ms_ssim, window = within_class_ms_ssim(real, [class_key(r) for r in real_records], seed=seed)
     real_niqe = float(np.mean([niqe(image, niqe_block) for image in real]))
 
-    rows, alignment = [], {}
+    rows, alignment, measured = [], {}, {}
     for family, (images, records) in sets.items():
         classes = [class_key(r) for r in records]
         unknown = sorted(set(classes) - set(prompts))
@@ -117,42 +180,130 @@ def fidelity_table(
         mine, theirs = equal_counts(images, real, seed)
         embeddings = embed_images(clip, images.transpose(0, 3, 1, 2))
         features = embeddings.double().numpy()
-        row = {
-            "family": family,
-            "images": len(images),
-            "compared": len(mine),
-            "FD_domain_clip": frechet_distance(
-                *feature_statistics(features[mine]), *feature_statistics(real_embeddings[theirs])
-            ),
-            "KID_domain_clip": kernel_distance(real_embeddings[theirs], features[mine], seed=seed)[0],
-        }
-        if len(mine) > 3:  # the k = 3 neighbourhoods need more samples
-            row.update(precision_recall(real_embeddings[theirs], features[mine]))
-            row.pop("f_score")
-        else:
-            row["precision"] = row["recall"] = float("nan")
-        if weights:
-            own = inception_features(images[mine], weights)
-            row["FID"] = frechet_distance(*feature_statistics(own), *feature_statistics(real_inception[theirs]))
-            row["KID_inception"] = kernel_distance(real_inception[theirs], own, seed=seed)[0]
-        else:
-            row["FID"] = row["KID_inception"] = float("nan")
-        row["NIQE_generated"] = float(np.mean([niqe(image, niqe_block) for image in images[mine]]))
+        texts = embed_texts(clip, tokenizer, [prompts[c] for c in classes])
+        predicted = np.asarray(probe.classes)[probe.predict(to_probe_input(images))]
+        correct = (predicted == np.asarray(classes)).astype(np.float64)
+        pair_values, pair_classes, _ = within_class_ms_ssim_pairs(images, classes, seed=seed)
+        two, one, pairs = _set_measures(
+            features[mine],
+            real_embeddings[theirs],
+            inception_features(images[mine], weights) if weights else None,
+            real_inception[theirs] if weights else None,
+            np.array([niqe(image, niqe_block) for image in images[mine]]),
+            (100 * (embeddings * texts).sum(dim=1)).double().numpy()[mine],
+            correct[mine],
+            np.asarray(classes)[mine],
+            (pair_values, pair_classes),
+        )
+        n = len(mine)
+        measured[family] = {"records": [records[i] for i in mine], "two": two, "one": one, "n_real": len(theirs)}
+        row = {"family": family, "images": len(images), "compared": n}
+        for name, statistic in two.items():
+            row[name] = statistic(np.arange(n), np.arange(len(theirs)))
+            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(statistic, (n, len(theirs)), resamples, seed)
+        for name in ("precision", "recall", "FID", "KID_inception"):
+            row.setdefault(name, float("nan"))
+        for name, statistic in one.items():
+            if name == "alignment_macro":  # the table's alignment: every image of the set, not the compared ones
+                labels = np.asarray(classes)
+
+                def statistic(i, labels=labels, correct=correct):
+                    return macro_mean(correct[i], labels[i])
+
+            size = len(classes) if name == "alignment_macro" else n
+            row[name] = statistic(np.arange(size))
+            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(statistic, (size,), resamples, seed)
         row["NIQE_real"] = real_niqe
-        row["MS_SSIM_within_class"], _ = within_class_ms_ssim(images, classes, seed=seed)
+        row["MS_SSIM_within_class"] = macro_mean(*pairs) if len(pairs[0]) else float("nan")
+        if len(pairs[0]) > 1:
+            row["MS_SSIM_within_class_low"], row["MS_SSIM_within_class_high"] = bootstrap_interval(
+                lambda i, pairs=pairs: macro_mean(pairs[0][i], pairs[1][i]), (len(pairs[0]),), resamples, seed
+            )
         row["MS_SSIM_within_class_real"] = real_ms_ssim
         row["MS_SSIM_window"] = window
-        texts = embed_texts(clip, tokenizer, [prompts[c] for c in classes])
-        row["domain_clip_score"] = float(100 * (embeddings * texts).sum(dim=1).mean())
         alignment[family] = probe.accuracy_of(to_probe_input(images), classes)
-        row["alignment_macro"] = alignment[family]["macro_accuracy"]
         row["niqe_block"] = niqe_block
         rows.append(row)
-    return pd.DataFrame(rows), note, {f: a for f, a in alignment.items() if f != "real"}
+    differences = fidelity_differences(measured, resamples, seed)
+    return pd.DataFrame(rows), note, {f: a for f, a in alignment.items() if f != "real"}, differences
+
+
+def fidelity_differences(measured: dict, resamples: int = 500, seed: int = 0) -> pd.DataFrame:
+    """For every two families, each metric's difference (family − other) with a paired 95 % interval:
+    the images of the two are matched by prompt and seed (the same slot of one sampling plan), and
+    each resample draws the same slots from both (and the real images independently, for the
+    distances). A difference is resolved when its interval excludes 0; `better` names the family the
+    metric favours then."""
+    families = [f for f in measured if f != "real"]
+    rows = []
+    for a_index, family in enumerate(families):
+        for other in families[a_index + 1 :]:
+            a, b = measured[family], measured[other]
+            slot_a = {(r.get("prompt_id"), r.get("seed")): i for i, r in enumerate(a["records"])}
+            slot_b = {(r.get("prompt_id"), r.get("seed")): i for i, r in enumerate(b["records"])}
+            shared = sorted(set(slot_a) & set(slot_b), key=str)
+            if len(shared) < 4:
+                continue
+            ia = np.array([slot_a[k] for k in shared])
+            ib = np.array([slot_b[k] for k in shared])
+            for name in a["two"]:
+                if name not in b["two"]:
+                    continue
+
+                def statistic(s, r, fa=a["two"][name], fb=b["two"][name], ia=ia, ib=ib):
+                    return fa(ia[s], r) - fb(ib[s], r)
+
+                rows.append(_difference(name, family, other, statistic, (len(shared), a["n_real"]), resamples, seed))
+            for name in a["one"]:
+
+                def statistic(s, fa=a["one"][name], fb=b["one"][name], ia=ia, ib=ib):
+                    return fa(ia[s]) - fb(ib[s])
+
+                rows.append(_difference(name, family, other, statistic, (len(shared),), resamples, seed))
+    columns = ["metric", "family", "other", "pairs", "difference", "low", "high", "resolved", "better"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _difference(name, family, other, statistic, sizes, resamples, seed) -> dict:
+    difference = statistic(*(np.arange(n) for n in sizes))
+    low, high = bootstrap_interval(statistic, sizes, resamples, seed)
+    settled = resolved(low, high)
+    lower_wins = LOWER_IS_BETTER[name]
+    better = "" if not settled else (family if (difference < 0) == lower_wins else other)
+    return {
+        "metric": name,
+        "family": family,
+        "other": other,
+        "pairs": sizes[0],
+        "difference": difference,
+        "low": low,
+        "high": high,
+        "resolved": settled,
+        "better": better,
+    }
+
+
+def describe_differences(differences: pd.DataFrame) -> str:
+    """In words, per metric: which differences between families the intervals resolve (and which
+    family is better), and which they do not."""
+    lines = []
+    for metric, group in differences.groupby("metric", sort=False):
+        settled = group[group["resolved"]]
+        open_ = group[~group["resolved"]]
+        said = [f"{r.better} better than {r.other if r.better == r.family else r.family}" for r in settled.itertuples()]
+        unsaid = [f"{r.family} vs {r.other}" for r in open_.itertuples()]
+        lines.append(
+            f"- **{metric}**: "
+            + (f"resolved: {'; '.join(said)}" if said else "no difference resolved")
+            + (f"; not resolved (intervals hold 0): {', '.join(unsaid)}" if unsaid else "")
+            + "."
+        )
+    return "\n".join(lines) if lines else "No two families share prompts and seeds: no paired differences."
 
 
 def plot_fidelity(table: pd.DataFrame):
-    """One panel per metric, one bar per family (the `real` row is the floor / ceiling to compare with)."""
+    """One panel per metric, one bar per family with its 95 % interval (the `real` row is the floor /
+    ceiling to compare with)."""
     import matplotlib.pyplot as plt
 
     metrics = [
@@ -170,11 +321,22 @@ def plot_fidelity(table: pd.DataFrame):
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
     colours = ["0.6" if f == "real" else f"C{i}" for i, f in enumerate(table["family"])]
     for ax, (metric, title) in zip(axes[0], metrics):
-        ax.bar(range(len(table)), table[metric], color=colours)
+        ax.bar(range(len(table)), table[metric], color=colours, yerr=_error_bars(table, metric), capsize=3)
         ax.set_xticks(range(len(table)), table["family"], rotation=60, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+    fig.suptitle("bars: 95 % bootstrap intervals", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _error_bars(table: pd.DataFrame, column: str) -> np.ndarray | None:
+    """matplotlib's yerr (distances below and above the value) from `<column>_low` / `_high`."""
+    if f"{column}_low" not in table:
+        return None
+    values = table[column].to_numpy(np.float64)
+    low = table[f"{column}_low"].to_numpy(np.float64)
+    high = table[f"{column}_high"].to_numpy(np.float64)
+    return np.nan_to_num(np.vstack([values - low, high - values]).clip(min=0))
 
 
 def plot_real_and_generated(
@@ -335,15 +497,33 @@ def plot_closest_pairs(
 # ---------------------------------------------------------------- the cross-family comparison (notebook 09)
 
 
+COMPARED = (
+    "FID",
+    "FD_domain_clip",
+    "KID_domain_clip",
+    "precision",
+    "recall",
+    "NIQE_generated",
+    "MS_SSIM_within_class",
+    "domain_clip_score",
+    "alignment_macro",
+)
+
+
 def comparison_table(figures_dir: str | Path, families: list[str]) -> pd.DataFrame:
-    """One row per family from the tables notebooks 05-08 wrote into `figures_dir`: fidelity and
-    alignment (`fidelity.csv`), memorisation (`privacy_table.csv`, all specialties), downstream
+    """One row per family from the tables notebooks 05-08 wrote into `figures_dir`, every number with
+    its 95 % interval (`<column>_low`, `<column>_high`): fidelity and alignment (`fidelity.csv`,
+    bootstrap intervals), memorisation (`privacy_table.csv`, all specialties: the mean tiled distance
+    with its bootstrap interval, the share of likely copies with its Wilson interval), downstream
     utility (`downstream_bootstrap.csv`: the macro-AUROC gain of adding the family's images to the
-    half real set, averaged over tasks, with the tasks' intervals) and sampling cost (`sampling.csv`).
+    half real set, averaged over tasks, its interval combined from the tasks' paired bootstrap
+    intervals) and sampling cost (`sampling.csv`: seconds per image, its interval over batches).
 
     Raises:
         FileNotFoundError: a table is missing (the notebook that writes it has not run).
     """
+    from medsyn.intervals import combined_mean_interval
+
     figures = Path(figures_dir)
     read = {}
     for name in ("fidelity", "privacy_table", "downstream_bootstrap", "sampling"):
@@ -356,41 +536,42 @@ def comparison_table(figures_dir: str | Path, families: list[str]) -> pd.DataFra
     privacy = privacy[privacy["specialty"] == "all"].set_index("family")
     boot = read["downstream_bootstrap"]
     sampling = read["sampling"].set_index("family")
+    threshold_column = next(c for c in privacy.columns if c.startswith("pairs_at_most_"))
     rows = []
     for family in families:
         gain = boot[(boot["baseline"] == "real_half") & (boot["compared"] == f"real_half+{family}")]
-        threshold_column = next(c for c in privacy.columns if c.startswith("pairs_at_most_"))
-        rows.append(
-            {
-                "family": family,
-                **{
-                    c: fidelity.loc[family, c]
-                    for c in (
-                        "FID",
-                        "FD_domain_clip",
-                        "KID_domain_clip",
-                        "precision",
-                        "recall",
-                        "NIQE_generated",
-                        "MS_SSIM_within_class",
-                        "domain_clip_score",
-                        "alignment_macro",
-                    )
-                },
-                "tiled_l2_mean": privacy.loc[family, "mean"],
-                "likely_copies": f"{int(privacy.loc[family, threshold_column])} / {int(privacy.loc[family, 'pairs'])}",
-                "auroc_gain_over_half_real": gain["difference"].mean() if len(gain) else float("nan"),
-                "auroc_gain_intervals": "; ".join(
-                    f"{t}: [{lo:+.3f}, {hi:+.3f}]" for t, lo, hi in zip(gain["task"], gain["low"], gain["high"])
-                ),
-                "seconds_per_image": sampling.loc[family, "seconds_per_image"],
-            }
-        )
+        low, high = combined_mean_interval(gain["difference"].tolist(), gain["low"].tolist(), gain["high"].tolist())
+        copies, pairs = int(privacy.loc[family, threshold_column]), int(privacy.loc[family, "pairs"])
+        row = {"family": family}
+        for column in COMPARED:
+            row[column] = fidelity.loc[family, column]
+            for end in ("low", "high"):
+                row[f"{column}_{end}"] = fidelity.loc[family].get(f"{column}_{end}", float("nan"))
+        row |= {
+            "tiled_l2_mean": privacy.loc[family, "mean"],
+            "tiled_l2_mean_low": privacy.loc[family, "mean_low"],
+            "tiled_l2_mean_high": privacy.loc[family, "mean_high"],
+            "likely_copies": f"{copies} / {pairs}",
+            "likely_copies_share": copies / pairs if pairs else float("nan"),
+            "likely_copies_share_low": privacy.loc[family, "share_at_most_low"],
+            "likely_copies_share_high": privacy.loc[family, "share_at_most_high"],
+            "auroc_gain_over_half_real": gain["difference"].mean() if len(gain) else float("nan"),
+            "auroc_gain_over_half_real_low": low,
+            "auroc_gain_over_half_real_high": high,
+            "auroc_gain_intervals": "; ".join(
+                f"{t}: [{lo:+.3f}, {hi:+.3f}]" for t, lo, hi in zip(gain["task"], gain["low"], gain["high"])
+            ),
+            "seconds_per_image": sampling.loc[family, "seconds_per_image"],
+            "seconds_per_image_low": sampling.loc[family].get("seconds_per_image_low", float("nan")),
+            "seconds_per_image_high": sampling.loc[family].get("seconds_per_image_high", float("nan")),
+        }
+        rows.append(row)
     return pd.DataFrame(rows).set_index("family")
 
 
 def plot_comparison(table: pd.DataFrame):
-    """The cross-family comparison at a glance: one panel per criterion, one bar per family."""
+    """The cross-family comparison at a glance: one panel per criterion, one bar per family with its
+    95 % interval."""
     import matplotlib.pyplot as plt
 
     panels = [
@@ -404,10 +585,17 @@ def plot_comparison(table: pd.DataFrame):
     panels = [(c, t) for c, t in panels if table[c].notna().any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.7 * len(panels), 3.0), squeeze=False)
     for ax, (column, title) in zip(axes[0], panels):
-        ax.bar(range(len(table)), table[column], color=[f"C{i}" for i in range(len(table))])
+        ax.bar(
+            range(len(table)),
+            table[column],
+            color=[f"C{i}" for i in range(len(table))],
+            yerr=_error_bars(table, column),
+            capsize=3,
+        )
         ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
         if column == "auroc_gain_over_half_real":
             ax.axhline(0, color="0.5", linewidth=0.8)
+    fig.suptitle("bars: 95 % intervals", fontsize=8)
     fig.tight_layout()
     return fig

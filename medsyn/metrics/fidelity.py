@@ -155,16 +155,9 @@ def _rgb(image) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
 
 
-def ms_ssim_diversity(images, pairs: int = 200, seed: int = 0) -> tuple[float, int]:
-    """Mean MS-SSIM over random pairs of distinct images (lower: more diverse; Odena et al. 2017),
-    computed by pytorch-msssim on grey uint8 images: five scales, the standard weights.
-
-    The standard 11-pixel window needs images larger than 160 pixels (four halvings); smaller images
-    get the largest odd window that fits (3 pixels at 64 px), returned so that it can be reported.
-
-    Returns:
-        (mean MS-SSIM, window size).
-    """
+def ms_ssim_pairs(images, pairs: int = 200, seed: int = 0) -> tuple[np.ndarray, int]:
+    """MS-SSIM of `pairs` random pairs of distinct images (`ms_ssim_diversity`'s pairs), one value per
+    pair, and the window used."""
     from pytorch_msssim import ms_ssim
 
     grey = np.stack([_grey(image) for image in images]).astype(np.float32)
@@ -178,7 +171,21 @@ def ms_ssim_diversity(images, pairs: int = 200, seed: int = 0) -> tuple[float, i
     first = rng.integers(0, len(grey), pairs)
     second = (first + rng.integers(1, len(grey), pairs)) % len(grey)  # never the same image
     a, b = (torch.from_numpy(grey[index])[:, None] for index in (first, second))
-    return float(ms_ssim(a, b, data_range=255, size_average=False, win_size=window).mean()), window
+    return ms_ssim(a, b, data_range=255, size_average=False, win_size=window).double().numpy(), window
+
+
+def ms_ssim_diversity(images, pairs: int = 200, seed: int = 0) -> tuple[float, int]:
+    """Mean MS-SSIM over random pairs of distinct images (lower: more diverse; Odena et al. 2017),
+    computed by pytorch-msssim on grey uint8 images: five scales, the standard weights.
+
+    The standard 11-pixel window needs images larger than 160 pixels (four halvings); smaller images
+    get the largest odd window that fits (3 pixels at 64 px), returned so that it can be reported.
+
+    Returns:
+        (mean MS-SSIM, window size).
+    """
+    values, window = ms_ssim_pairs(images, pairs, seed)
+    return float(values.mean()), window
 
 
 def _grey(image) -> np.ndarray:

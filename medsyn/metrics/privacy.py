@@ -93,15 +93,18 @@ def nearest_in_group(
 
 def memorisation_table(distances: np.ndarray, specialties: list[str], threshold: float = COPY_THRESHOLD):
     """MediSyn's Table 1: per specialty (and over all), the tiled distance of each generated image to
-    its nearest training image as mean ± sd, the number of pairs, the pairs at or below `threshold`,
-    and the one-sided Wilcoxon signed-rank test that the distances exceed the threshold (p-value;
-    small p: the specialty's images are not copies).
+    its nearest training image as mean ± sd with the mean's 95 % bootstrap interval, the number of
+    pairs, the pairs at or below `threshold` with the Wilson interval of their share, and the one-sided
+    Wilcoxon signed-rank test that the distances exceed the threshold (p-value; small p: the
+    specialty's images are not copies).
 
     Returns:
         a pandas DataFrame, one row per specialty plus 'all'.
     """
     import pandas as pd
     from scipy.stats import wilcoxon
+
+    from medsyn.intervals import mean_interval, proportion_interval
 
     distances, specialties = np.asarray(distances, np.float64), np.asarray(specialties, dtype=object)
     if len(distances) != len(specialties):
@@ -111,13 +114,20 @@ def memorisation_table(distances: np.ndarray, specialties: list[str], threshold:
         d = distances if name == "all" else distances[specialties == name]
         differences = d - threshold
         p = wilcoxon(differences, alternative="greater").pvalue if np.any(differences) and len(d) > 1 else np.nan
+        low, high = mean_interval(d)
+        copies = int(np.sum(d <= threshold))
+        share_low, share_high = proportion_interval(copies, len(d))
         rows.append(
             {
                 "specialty": name,
                 "pairs": len(d),
                 "mean": d.mean(),
+                "mean_low": low,
+                "mean_high": high,
                 "sd": d.std(ddof=1) if len(d) > 1 else np.nan,
-                f"pairs_at_most_{threshold:g}": int(np.sum(d <= threshold)),
+                f"pairs_at_most_{threshold:g}": copies,
+                "share_at_most_low": share_low,
+                "share_at_most_high": share_high,
                 "wilcoxon_p_greater": p,
             }
         )

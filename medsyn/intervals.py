@@ -1,0 +1,89 @@
+"""95 % intervals for every number of the comparison: percentile bootstrap intervals computed by
+scipy (`scipy.stats.bootstrap`), resampling the rows a metric is computed from (generated images,
+real images, image pairs), and paired intervals for the difference between two families whose images
+share prompts and seeds (each resample draws the same prompt-and-seed slots from both).
+
+A statistic here is a function of index arrays: `bootstrap_interval` resamples the indices, the
+statistic looks the rows up, so a metric of two sets (a Fréchet distance of generated against real
+features) resamples each set on its own.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+def bootstrap_interval(
+    statistic: Callable[..., float],
+    sizes: tuple[int, ...],
+    resamples: int = 1000,
+    seed: int = 0,
+    paired: bool = False,
+) -> tuple[float, float]:
+    """The 95 % percentile bootstrap interval of `statistic(*index_arrays)`.
+
+    Args:
+        statistic: a function of one index array per sample (rows drawn with replacement).
+        sizes: the number of rows of each sample.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling.
+        paired: resample all samples with the same indices (they must be equally long).
+    """
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        tuple(np.arange(n) for n in sizes),
+        statistic,
+        n_resamples=resamples,
+        paired=paired,
+        vectorized=False,
+        method="percentile",
+        confidence_level=CONFIDENCE,
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """The bootstrap interval of the mean of per-row values (NaN rows left out)."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    return bootstrap_interval(lambda i: values[i].mean(), (len(values),), resamples, seed)
+
+
+def macro_accuracy(correct: np.ndarray, classes: np.ndarray) -> float:
+    """The mean over classes of each class's share of correct rows."""
+    return float(np.mean([correct[classes == c].mean() for c in np.unique(classes)]))
+
+
+def proportion_interval(successes: int, total: int) -> tuple[float, float]:
+    """The Wilson score 95 % interval of a proportion (scipy), for counts such as likely copies."""
+    from scipy.stats import binomtest
+
+    if total == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(int(successes), int(total)).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def combined_mean_interval(estimates: list[float], lows: list[float], highs: list[float]) -> tuple[float, float]:
+    """An interval for the mean of independent estimates (one per task, each with its own test set)
+    from their 95 % intervals: each interval's half-width gives its standard error, the mean's
+    standard error is the root of their summed squares over the count (normal approximation)."""
+    from scipy.stats import norm
+
+    if not estimates:
+        return float("nan"), float("nan")
+    z = norm.ppf(0.5 + CONFIDENCE / 2)
+    errors = (np.asarray(highs) - np.asarray(lows)) / (2 * z)
+    mean, error = float(np.mean(estimates)), float(np.sqrt((errors**2).sum()) / len(estimates))
+    return mean - z * error, mean + z * error
+
+
+def resolved(low: float, high: float) -> bool:
+    """An interval of a difference resolves it when it excludes 0."""
+    return bool(low > 0 or high < 0)
