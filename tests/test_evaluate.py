@@ -215,9 +215,9 @@ def test_comparison_table_collects_each_familys_numbers(tmp_path):
 
 
 def test_bootstrap_intervals_agree_with_a_plain_resampling_loop():
-    """The percentile interval of a two-set statistic (a Fréchet distance of two feature sets, each
-    resampled on its own) from medsyn's scipy call and from a plain numpy loop: bounds within the
-    Monte Carlo error of 2,000 resamples (a tenth of the interval's width)."""
+    """The bias-shifted percentile interval of a two-set statistic (a Fréchet distance of two feature
+    sets, each resampled on its own) from medsyn's scipy call and from a plain numpy loop: bounds
+    within the Monte Carlo error of 2,000 resamples (a tenth of the interval's width)."""
     from medsyn.intervals import bootstrap_interval
     from medsyn.metrics.fidelity import feature_statistics, frechet_distance
 
@@ -230,16 +230,17 @@ def test_bootstrap_intervals_agree_with_a_plain_resampling_loop():
     low, high = bootstrap_interval(fd, (60, 50), resamples=2000, seed=1)
     loop = np.random.default_rng(2)
     values = [fd(loop.integers(0, 60, 60), loop.integers(0, 50, 50)) for _ in range(2000)]
-    plain_low, plain_high = np.percentile(values, [2.5, 97.5])
+    estimate = fd(np.arange(60), np.arange(50))
+    plain_low, plain_high = np.percentile(values, [2.5, 97.5]) + estimate - np.mean(values)
     width = plain_high - plain_low
     assert abs(low - plain_low) < 0.1 * width and abs(high - plain_high) < 0.1 * width
-    assert low < fd(np.arange(60), np.arange(50)) < high
+    assert low < estimate < high
     # a paired difference: the same rows from both sides
     x = rng.normal(size=80)
     y = x + 0.3 + rng.normal(0, 0.1, size=80)
     low, high = bootstrap_interval(lambda i, j: y[i].mean() - x[j].mean(), (80, 80), 2000, seed=3, paired=True)
     loop_values = [(y[i] - x[i]).mean() for i in (loop.integers(0, 80, 80) for _ in range(2000))]
-    plain_low, plain_high = np.percentile(loop_values, [2.5, 97.5])
+    plain_low, plain_high = np.percentile(loop_values, [2.5, 97.5]) + (y - x).mean() - np.mean(loop_values)
     assert abs(low - plain_low) < 0.1 * (plain_high - plain_low) and abs(high - plain_high) < 0.1 * (
         plain_high - plain_low
     )

@@ -67,6 +67,17 @@ def within_class_ms_ssim_pairs(
     return np.concatenate(values), np.asarray(owners), window
 
 
+# the range of each metric, to which its interval is clipped
+RANGES = {
+    "FID": (0.0, np.inf),
+    "FD_domain_clip": (0.0, np.inf),
+    "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0),
+    "NIQE_generated": (0.0, np.inf),
+    "MS_SSIM_within_class": (0.0, 1.0),
+    "alignment_macro": (0.0, 1.0),
+}
+
 # each metric of the table: whether lower is better, for the words of the report
 LOWER_IS_BETTER = {
     "FID": True,
@@ -200,7 +211,9 @@ def fidelity_table(
         row = {"family": family, "images": len(images), "compared": n}
         for name, statistic in two.items():
             row[name] = statistic(np.arange(n), np.arange(len(theirs)))
-            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(statistic, (n, len(theirs)), resamples, seed)
+            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(
+                statistic, (n, len(theirs)), resamples, seed, bounds=RANGES.get(name, (-np.inf, np.inf))
+            )
         for name in ("precision", "recall", "FID", "KID_inception"):
             row.setdefault(name, float("nan"))
         for name, statistic in one.items():
@@ -212,12 +225,18 @@ def fidelity_table(
 
             size = len(classes) if name == "alignment_macro" else n
             row[name] = statistic(np.arange(size))
-            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(statistic, (size,), resamples, seed)
+            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(
+                statistic, (size,), resamples, seed, bounds=RANGES.get(name, (-np.inf, np.inf))
+            )
         row["NIQE_real"] = real_niqe
         row["MS_SSIM_within_class"] = macro_mean(*pairs) if len(pairs[0]) else float("nan")
         if len(pairs[0]) > 1:
             row["MS_SSIM_within_class_low"], row["MS_SSIM_within_class_high"] = bootstrap_interval(
-                lambda i, pairs=pairs: macro_mean(pairs[0][i], pairs[1][i]), (len(pairs[0]),), resamples, seed
+                lambda i, pairs=pairs: macro_mean(pairs[0][i], pairs[1][i]),
+                (len(pairs[0]),),
+                resamples,
+                seed,
+                bounds=RANGES["MS_SSIM_within_class"],
             )
         row["MS_SSIM_within_class_real"] = real_ms_ssim
         row["MS_SSIM_window"] = window
