@@ -366,7 +366,8 @@ def train_lm(
     records = split_records(dataset_dir, "train")
     vq = VQModel.from_pretrained(vq_dir, local_files_only=True).eval().requires_grad_(False)
     tokenizer = build_text_tokenizer([r["text"] for r in records] + [r.get("class_text", r["text"]) for r in records])
-    images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
+    with accelerator.main_process_first():  # the main process writes the cache, the others then read it
+        images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
     with torch.no_grad():
         all_codes = torch.cat(
             [
