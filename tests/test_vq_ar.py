@@ -155,3 +155,20 @@ def test_samples_follow_their_prompt(tiny, tmp_path):
     ).images
     redness = images[..., 0].mean(axis=(1, 2)) - images[..., 2].mean(axis=(1, 2))
     assert redness[:8].max() < redness[8:].min(), redness.round(2)
+
+
+def test_sample_families_keeps_an_autoregressive_family_and_times_its_batches(tiny, tmp_path):
+    from medsyn.sampling import sample_families
+
+    result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=2, **LM)
+    options = {"per_prompt": 2, "scheduler": "dpmsolver++", "steps": 20, "guidance_scale": 2.0, "batch_size": 1}
+    first = sample_families({"vq-ar": result["pipeline_dir"]}, tiny["data"], tmp_path / "gen", **options).iloc[0]
+    assert first["status"] == "sampled" and first["scheduler"] == "autoregressive" and first["steps"] == 64
+    assert first["seconds_per_image_low"] <= first["seconds_per_image"] <= first["seconds_per_image_high"]
+    assert first["seconds_total"] >= 4 * first["seconds_per_image"]  # loading and writing come on top
+    again = sample_families({"vq-ar": result["pipeline_dir"]}, tiny["data"], tmp_path / "gen", **options).iloc[0]
+    assert again["status"] == "kept"  # the diffusion sampler's name and steps do not apply to it
+    with pytest.raises(ValueError, match="sampled differently"):
+        sample_families(
+            {"vq-ar": result["pipeline_dir"]}, tiny["data"], tmp_path / "gen", **{**options, "guidance_scale": 3.0}
+        )

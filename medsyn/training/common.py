@@ -456,6 +456,28 @@ def optimizer_step(accelerator, parameters: list, optimizer, lr_scheduler, ema, 
         ema.step(parameters)
 
 
+def adversarial_term(
+    reconstruction_loss: torch.Tensor, fake_logits: torch.Tensor, last_layer: torch.Tensor, weight: float
+):
+    """The generator's PatchGAN hinge term, times the adaptive weight of Esser et al. (2021, eq. 7):
+    the ratio of the reconstruction gradient to the adversarial gradient at the decoder's last layer
+    (a fixed weight let the adversarial term swamp reconstruction, measured on the VAE)."""
+    g_loss = -fake_logits.mean()
+    g_rec = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    balance = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+    return weight * balance * g_loss
+
+
+def discriminator_step(accelerator, discriminator, optimizer, real: torch.Tensor, fake: torch.Tensor) -> None:
+    """One hinge-loss step of the discriminator on real images and detached reconstructions."""
+    with accelerator.autocast():
+        loss = 0.5 * (torch.relu(1 - discriminator(real)).mean() + torch.relu(1 + discriminator(fake.detach())).mean())
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+
+
 @contextmanager
 def ema_weights(ema, parameters):
     """Within the block the trained parameters hold their EMA (diffusers' EMAModel; no-op for None)."""

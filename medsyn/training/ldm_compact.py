@@ -19,11 +19,13 @@ from medsyn.data.dataset import split_records
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.training.common import (
     adamw,
+    adversarial_term,
     batch_indices,
     cache_images,
     cache_latent_moments,
     cache_prompt_embeddings,
     diffusion_target,
+    discriminator_step,
     draw_batch,
     ema_weights,
     make_accelerator,
@@ -201,26 +203,13 @@ def train_vae(
             loss = l1 + kl_weight * kl
             adversarial = adversarial_weight > 0 and step >= adversarial_start
             if adversarial:
-                g_loss = -discriminator(reconstruction).mean()
-                # adaptive weight (Esser et al. 2021, eq. 7): balance the two gradients at the decoder's
-                # last layer; a fixed weight let the adversarial term swamp reconstruction (measured)
                 last = accelerator.unwrap_model(autoencode).vae.decoder.conv_out.weight
-                g_rec = torch.autograd.grad(l1, last, retain_graph=True)[0]
-                g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
-                balance = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
-                loss = loss + adversarial_weight * balance * g_loss
+                loss = loss + adversarial_term(l1, discriminator(reconstruction), last, adversarial_weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
-        if adversarial:  # hinge loss of the discriminator on real images and detached reconstructions
-            with accelerator.autocast():
-                d_loss = 0.5 * (
-                    torch.relu(1 - discriminator(x)).mean()
-                    + torch.relu(1 + discriminator(reconstruction.detach())).mean()
-                )
-            d_optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(d_loss)
-            d_optimizer.step()
+        if adversarial:
+            discriminator_step(accelerator, discriminator, d_optimizer, x, reconstruction)
         history.append(l1.item())
         bar.update(1)
         bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.1f}")

@@ -23,8 +23,10 @@ from medsyn.data.dataset import split_records
 from medsyn.models.vq_ar import BOI, EOI, PAD, VQARPipeline, build_text_tokenizer, nearest_codes
 from medsyn.training.common import (
     adamw,
+    adversarial_term,
     batch_indices,
     cache_images,
+    discriminator_step,
     make_accelerator,
     optimizer_step,
     progress_bar,
@@ -215,24 +217,13 @@ def train_vq(
             loss = l1 + ssim_weight * structure + commitment
             adversarial = adversarial_weight > 0 and step >= adversarial_start
             if adversarial:
-                g_loss = -discriminator(reconstruction).mean()
                 last = accelerator.unwrap_model(tokenise).vq.decoder.conv_out.weight
-                g_rec = torch.autograd.grad(l1, last, retain_graph=True)[0]
-                g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
-                balance = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
-                loss = loss + adversarial_weight * balance * g_loss
+                loss = loss + adversarial_term(l1, discriminator(reconstruction), last, adversarial_weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
         if adversarial:
-            with accelerator.autocast():
-                d_loss = 0.5 * (
-                    torch.relu(1 - discriminator(x)).mean()
-                    + torch.relu(1 + discriminator(reconstruction.detach())).mean()
-                )
-            d_optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(d_loss)
-            d_optimizer.step()
+            discriminator_step(accelerator, discriminator, d_optimizer, x, reconstruction)
         # the codebook's EMA step on the whole global batch's latents and codes
         flat = accelerator.gather(latents.detach().float().permute(0, 2, 3, 1).reshape(-1, codebook.shape[1]))
         restarts += ema.update(
