@@ -146,6 +146,7 @@ def _absent(path: Path, needs: str | None) -> bool:
 def _raw_sources(notebook: str, parameters: dict) -> list[Missing]:
     """With `corpus: none`, each manifest's source folder under `raw_dir` with at least one image file
     its `include` patterns match, and its tables."""
+    from medsyn.data.curate import table_paths
     from medsyn.data.manifest import load_manifest, resolve_manifest
 
     if parameters.get("corpus") != "none":
@@ -162,8 +163,7 @@ def _raw_sources(notebook: str, parameters: dict) -> list[Missing]:
         patterns = manifest["reader"]["include"]
         if not any(p.is_file() for p in itertools.chain.from_iterable(root.glob(g) for g in patterns)):
             missing.append(Missing(notebook, "raw_dir", f"{what}: no file matching {patterns}", str(root)))
-        table = manifest.get("table")
-        for relative in [table["path"]] if table and isinstance(table["path"], str) else (table or {}).get("path", []):
+        for relative in table_paths(manifest):
             if not (root / relative).is_file():
                 missing.append(Missing(notebook, "raw_dir", f"{what}: its table", str(root / relative)))
     return missing

@@ -135,7 +135,8 @@ def _glob(base: Path, patterns: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def _table_paths(manifest: dict) -> list[str]:
+def table_paths(manifest: dict) -> list[str]:
+    """The label tables a manifest names, relative to its root (one path or a list)."""
     table = manifest.get("table")
     if not table:
         return []
@@ -170,7 +171,7 @@ class _SourceReader:
             self.terms = vocabulary_terms(self.vocabulary)
 
     def _load_table(self) -> pd.DataFrame | None:
-        paths = _table_paths(self.m)
+        paths = table_paths(self.m)
         if not paths:
             return None
         frames = []
@@ -425,7 +426,7 @@ def curate(
     for reader in readers:
         if not reader.root.is_dir():
             raise FileNotFoundError(f"{reader.name}: source folder not found: {reader.root}")
-        support = _glob(reader.root, _table_paths(reader.m) + reader.m["reader"].get("support", []))
+        support = _glob(reader.root, table_paths(reader.m) + reader.m["reader"].get("support", []))
         for path in support:
             owner.setdefault(path.relative_to(raw_dir).as_posix(), (reader, "support"))
         for path in _glob(reader.root, reader.m["reader"]["include"]):
