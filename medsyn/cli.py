@@ -5,6 +5,7 @@ import json
 import sys
 
 from medsyn.data.manifest import ManifestError
+from medsyn.paths import REPO_ROOT
 
 
 def _add_curate(sub):
@@ -45,6 +46,9 @@ def _add_corpus(sub):
     p.add_argument("--size", type=int, default=128, help="base side of written images in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sources", default=",".join(SOURCES), help="comma-separated sources (default: all)")
+    p.add_argument(
+        "--first-patient", type=int, default=0, help="number of the first patient (other patients: past the first's)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -126,10 +130,25 @@ def _add_sample(sub):
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
 
 
+def _add_tables(sub):
+    p = sub.add_parser("tables", help="write the README's marked result tables from a run's figures directory")
+    p.add_argument("--readme", default=str(REPO_ROOT / "README.md"), metavar="FILE", help="default: the README")
+    p.add_argument("--figures", default=str(REPO_ROOT / "figures"), metavar="DIR", help="default: figures/")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medsyn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_curate, _add_corpus, _add_reproduce, _add_notebook, _add_preflight, _add_validate, _add_sample):
+    for add in (
+        _add_curate,
+        _add_corpus,
+        _add_reproduce,
+        _add_notebook,
+        _add_preflight,
+        _add_validate,
+        _add_sample,
+        _add_tables,
+    ):
         add(sub)
     args = parser.parse_args(argv)
     try:
@@ -171,6 +190,7 @@ def _run(args) -> int:
             size=args.size,
             sources=tuple(s for s in args.sources.split(",") if s),
             progress=not args.no_progress,
+            first_patient=args.first_patient,
         )
         print(f"wrote {len(truth['sources'])} sources to {args.out} ({len(truth['defects'])} deliberate defects)")
     elif args.command == "reproduce":
@@ -235,6 +255,11 @@ def _run(args) -> int:
                 print(f"invalid {err}", file=sys.stderr)
                 failed += 1
         return 2 if failed else 0
+    elif args.command == "tables":
+        from medsyn.readme import write_readme_tables
+
+        used = write_readme_tables(args.readme, args.figures)
+        print(f"wrote {len(used)} tables into {args.readme} from {args.figures}: {', '.join(used)}")
     return 0
 
 

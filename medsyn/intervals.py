@@ -101,3 +101,24 @@ def combined_mean_interval(estimates: list[float], lows: list[float], highs: lis
 def resolved(low: float, high: float) -> bool:
     """An interval of a difference resolves it when it excludes 0."""
     return bool(low > 0 or high < 0)
+
+
+POWER = 0.8
+
+
+def minimum_detectable_difference(standard_error: float, power: float = POWER) -> float:
+    """The smallest true difference that a 95 % interval with this standard error excludes from 0
+    with probability `power` (two-sided, normal approximation): (z_0.975 + z_power) × standard error,
+    2.80 standard errors at 80 % power. A difference smaller than this can exist and go unresolved."""
+    from scipy.stats import norm
+
+    if not np.isfinite(standard_error) or standard_error < 0:
+        return float("nan")
+    return float((norm.ppf(0.5 + CONFIDENCE / 2) + norm.ppf(power)) * standard_error)
+
+
+def standard_error_from_interval(low: float, high: float) -> float:
+    """The standard error that a 95 % interval's half-width implies (normal approximation)."""
+    from scipy.stats import norm
+
+    return float((high - low) / (2 * norm.ppf(0.5 + CONFIDENCE / 2)))

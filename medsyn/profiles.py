@@ -87,6 +87,7 @@ LOCAL_INPUTS = {
     "embedder_dir": ("open_clip image encoder (MediSyn: BiomedCLIP)", "open_clip_config.json"),
     "domain_clip_dir": ("domain CLIP, open_clip layout", "open_clip_config.json"),
     "curated_dir": ("curated dataset", "medsyn_dataset.json"),
+    "held_out_dir": ("held-out dataset of other patients (01_curate's held_out_sources)", "medsyn_dataset.json"),
     "probe_path": ("real-image class probe", None),
     "imagenet_weights": ("ImageNet ResNet-50 weights (torchvision state dict)", None),
     "inception_weights": ("InceptionV3 weights for FID (torch-fidelity's; or set $MEDSYN_INCEPTION_WEIGHTS)", None),
@@ -97,7 +98,7 @@ LOCAL_INPUTS = {
 
 # What each stage notebook writes, by parameter: inputs inside these paths come from the chain itself.
 STAGE_OUTPUTS = {
-    "01_curate": ("curated_dir", "probe_path", "domain_clip_dir"),
+    "01_curate": ("curated_dir", "probe_path", "domain_clip_dir", "held_out_dir"),
     "02_train_ldm": ("models_dir", "finetune_dir", "large_lora_dir"),
     "03_train_dit_hldf": ("models_dir", "template_captions_dir"),
     "04_train_vq_ar": ("models_dir",),

@@ -74,14 +74,22 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     pairs = pd.read_csv(run_dir / "figures" / "privacy_pairs.csv")
     assert (pairs.loc[pairs["planted"], "tiled_l2"] == 0).all() and pairs["planted"].sum() == 4
     # 08: three training sets plus one per family, and their bootstrap comparisons
+    # (two replicates each), tested on the held-out patients' test split that 01 curated
     downstream = pd.read_csv(run_dir / "figures" / "downstream.csv")
-    assert downstream["training_set"].tolist() == ["real", "real_half", "real_half+ldm-compact", "real_half+dit-hldf"]
+    sets = ["real", "real_half", "real_half+ldm-compact", "real_half+dit-hldf"]
+    assert downstream["training_set"].tolist() == sets * 2 and downstream["replicate"].tolist() == [0] * 4 + [1] * 4
+    held_out = read_records(run_dir / "data" / "held_out", "test")
+    assert set(downstream["test_images"]) == {len(held_out)} and {r["source"] for r in held_out} == {"brats"}
     assert (run_dir / "figures" / "downstream_roc_brats.png.provenance.json").is_file()
-    assert len(pd.read_csv(run_dir / "figures" / "downstream_bootstrap.csv")) == 5
+    assert (run_dir / "figures" / "downstream_gaps.png.provenance.json").is_file()
+    bootstrap = pd.read_csv(run_dir / "figures" / "downstream_bootstrap.csv")
+    assert len(bootstrap) == 5 and (bootstrap["replicates"] == 2).all() and bootstrap["detectable"].gt(0).all()
     # 09: the comparison, and a blinded study ready to serve (no answers yet)
     comparison = pd.read_csv(run_dir / "figures" / "comparison.csv").set_index("family")
     assert list(comparison.index) == ["ldm-compact", "ldm-finetune", "dit-hldf", "vq-ar"]
     assert (run_dir / "reader_study" / "study.json").is_file()
+    power = pd.read_csv(run_dir / "figures" / "power.csv").set_index("measure")
+    assert power["detectable"].notna().all() and "test macro-AUROC (brats)" in power.index
     assert (run_dir / "figures" / "reader_study.png.provenance.json").is_file()
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import EMBEDDED_MANIFESTS, pydicom_file
 from PIL import Image
 
-from medsyn.data.curate import check_accounting, curate, patients_in_several_splits
+from medsyn.data.curate import check_accounting, curate, curate_held_out, patients_in_several_splits
 from medsyn.data.dataset import MARKER, DatasetError, image_path, read_records
 from medsyn.data.preprocess import hounsfield_window
 from medsyn.data.readers import read_dicom
@@ -122,6 +122,40 @@ def test_no_patient_in_two_splits_and_the_seed_decides_the_split(curated, tmp_pa
     other = curate(EMBEDDED_MANIFESTS, curated["raw"], tmp_path / "other", size=32, seed=1, progress=False)
     assert [r["split"] for r in other.records] != [split for _, split in first]
     assert patients_in_several_splits(other.records) == []
+
+
+def test_held_out_patients_are_other_patients_in_validation_and_test_only(curated, tmp_path):
+    """The downstream experiment's held-out set: the corpus's next patients of two sources, curated
+    with validation and test splits only, prefixed pseudonyms, no image equal to a curated one."""
+    from medsyn.data.split import patient_split
+
+    kwargs = dict(patients=12, first_patient=8, corpus_size=64, size=32, seed=3, progress=False)
+    result = curate_held_out(
+        EMBEDDED_MANIFESTS, tmp_path / "raw_held_out", tmp_path / "held_out", ["chexpert", "kermany_oct"], **kwargs
+    )
+    records = read_records(tmp_path / "held_out")
+    assert {r["source"] for r in records} == {"chexpert", "kermany_oct"}
+    assert {r["split"] for r in records} == {"validation", "test"}
+    assert all(r["patient_id"].startswith("held-out-") for r in records)
+    assert not {r["sha256"] for r in records} & {r["sha256"] for r in curated["records"]}
+    assert patients_in_several_splits(records) == []
+    test = sum(r["split"] == "test" for r in records)
+    assert 0.6 < test / len(records) < 0.9  # three quarters by patient
+    accounting = check_accounting(tmp_path / "raw_held_out", tmp_path / "held_out")
+    assert not accounting["missing"] and not accounting["unknown"]
+    assert result.summary["images_out"] == len(records)
+    # a rerun reuses the raw corpus it wrote; one asking for other patients is refused
+    curate_held_out(
+        EMBEDDED_MANIFESTS, tmp_path / "raw_held_out", tmp_path / "held_out2", ["chexpert", "kermany_oct"], **kwargs
+    )
+    assert [r["sha256"] for r in read_records(tmp_path / "held_out2")] == [r["sha256"] for r in records]
+    with pytest.raises(ValueError, match="another held-out corpus"):
+        curate_held_out(EMBEDDED_MANIFESTS, tmp_path / "raw_held_out", tmp_path / "held_out3", ["chexpert"], **kwargs)
+    with pytest.raises(ValueError, match="without a manifest"):
+        curate_held_out(EMBEDDED_MANIFESTS, tmp_path / "other", tmp_path / "held_out4", ["mimic"], **kwargs)
+    # a split whose fraction is 0 gets no patient, even when the others overshoot their targets
+    sizes = {f"p{i}": 1 + i % 3 for i in range(50)}
+    assert "train" not in set(patient_split(sizes, (0.0, 0.25, 0.75), seed=1).values())
 
 
 def test_no_dicom_identifier_reaches_the_output(curated):

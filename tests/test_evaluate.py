@@ -167,17 +167,42 @@ def test_comparison_table_collects_each_familys_numbers(tmp_path):
     ).to_csv(tmp_path / "privacy_table.csv", index=False)
     pd.DataFrame(
         [
-            {
-                "task": t,
-                "baseline": "real_half",
-                "compared": f"real_half+{f}",
-                "difference": d,
-                "low": d - 0.1,
-                "high": d + 0.1,
-                "resamples": 100,
-            }
-            for f, d in (("a", 0.02), ("b", -0.04))
-            for t in ("x", "y")
+            # tasks x and y can show utility (2N real resolves better than N); z cannot and is left out
+            *(
+                {
+                    "task": t,
+                    "baseline": "real_half",
+                    "compared": "real",
+                    "difference": d,
+                    "low": d - 0.05,
+                    "high": d + 0.05,
+                }
+                for t, d in (("x", 0.1), ("y", 0.2), ("z", 0.03))
+            ),
+            *(
+                {
+                    "task": t,
+                    "baseline": baseline,
+                    "compared": f"real_half+{f}",
+                    "difference": d + shift,
+                    "low": d + shift - 0.1,
+                    "high": d + shift + 0.1,
+                }
+                for f, d in (("a", 0.02), ("b", -0.04))
+                for baseline, shift in (("real_half", 0.0), ("real", -0.15))
+                for t in ("x", "y")
+            ),
+            *(
+                {
+                    "task": "z",
+                    "baseline": "real_half",
+                    "compared": f"real_half+{f}",
+                    "difference": 0.5,
+                    "low": 0.4,
+                    "high": 0.6,
+                }
+                for f in ("a", "b")
+            ),
         ]
     ).to_csv(tmp_path / "downstream_bootstrap.csv", index=False)
     pd.DataFrame(
@@ -195,14 +220,16 @@ def test_comparison_table_collects_each_familys_numbers(tmp_path):
     table = comparison_table(tmp_path, ["a", "b"])
     assert table.loc["a", "FD_domain_clip"] == 1.1 and table.loc["b", "alignment_macro"] == pytest.approx(2.8)
     assert table.loc["a", "likely_copies"] == "1 / 10" and table.loc["b", "likely_copies"] == "0 / 10"
-    assert table.loc["b", "auroc_gain_over_half_real"] == pytest.approx(-0.04)
+    assert table.loc["b", "auroc_gain_over_half_real"] == pytest.approx(-0.04)  # z's +0.5 left out
+    assert table.loc["b", "auroc_gain_over_double_real"] == pytest.approx(-0.19)
     assert table.loc["a", "auroc_gain_intervals"] == "x: [-0.080, +0.120]; y: [-0.080, +0.120]"
+    assert table.loc["a", "downstream_tasks"] == "x, y"
     assert table.loc["b", "seconds_per_image"] == 2.0
     # every number has its interval; the mean gain's combines the tasks' (two tasks, half-width 0.1 each)
     numbers = [
         c
         for c in table.columns
-        if c not in ("likely_copies", "auroc_gain_intervals") and not c.endswith(("_low", "_high"))
+        if c not in ("likely_copies", "auroc_gain_intervals", "downstream_tasks") and not c.endswith(("_low", "_high"))
     ]
     assert all(f"{c}_low" in table and f"{c}_high" in table for c in numbers), numbers
     assert table.loc["a", "auroc_gain_over_half_real_high"] - 0.02 == pytest.approx(0.1 / np.sqrt(2))
@@ -285,3 +312,52 @@ def plot_comparison_has_error_bars(table) -> bool:
 
     figure = plot_comparison(table)
     return all(any(len(c.get_segments()) for c in ax.collections) for ax in figure.axes)
+
+
+def test_power_table_turns_observed_intervals_into_the_smallest_resolvable_difference(tmp_path):
+    import pandas as pd
+
+    from medsyn.metrics.evaluate import power_table
+
+    pd.DataFrame(
+        [
+            {
+                "metric": "alignment_macro",
+                "family": "a",
+                "other": "b",
+                "pairs": 264,
+                "difference": d,
+                "low": d - w,
+                "high": d + w,
+                "resolved": abs(d) > w,
+            }
+            for d, w in ((0.05, 0.0392), (-0.01, 0.0588), (0.02, 0.0196))
+        ]
+    ).to_csv(tmp_path / "fidelity_differences.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "task": "t",
+                "baseline": "real_half",
+                "compared": c,
+                "difference": d,
+                "low": d - 0.04,
+                "high": d + 0.04,
+                "se": se,
+                "replicates": 3,
+                "test_images": 320,
+            }
+            for c, d, se in (("real", 0.09, 0.02), ("real_half+a", 0.01, 0.03))
+        ]
+    ).to_csv(tmp_path / "downstream_bootstrap.csv", index=False)
+    power = power_table(tmp_path)
+    # median half-width 0.0392 -> standard error 0.02 -> 2.8 standard errors at 80 % power
+    assert power.loc["alignment_macro", "standard_error"] == pytest.approx(0.02, rel=1e-3)
+    assert power.loc["alignment_macro", "detectable"] == pytest.approx(0.056, rel=1e-3)
+    assert (
+        power.loc["alignment_macro", "resolved"] == "2 of 3"
+        and power.loc["alignment_macro", "largest_observed"] == 0.05
+    )
+    auroc = power.loc["test macro-AUROC (t)"]
+    assert auroc["standard_error"] == pytest.approx(0.025) and auroc["units"] == "320 test images"
+    assert "3 replicates" in auroc["compared"] and auroc["resolved"] == "1 of 2"

@@ -154,12 +154,12 @@ def _write_ct_dicom(
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_rsna_pe(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
+def write_rsna_pe(root: Path, patients: range, seed: int, size: int, truth: dict) -> None:
     """RSNA-STR Pulmonary Embolism Detection layout: train/<StudyUID>/<SeriesUID>/<SOPUID>.dcm + train.csv."""
     from pydicom.uid import generate_uid
 
     rows = []
-    for p in range(patients):
+    for p in patients:
         rng = _rng(seed, "rsna_pe", p)
         embolism = p % 2 == 1
         patient = {
@@ -263,12 +263,12 @@ CHEXPERT_COLUMNS = [
 ]
 
 
-def write_chexpert(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
+def write_chexpert(root: Path, patients: range, seed: int, size: int, truth: dict) -> None:
     """CheXpert-v1.0-small layout: train/patientNNNNN/studyN/view1_frontal.jpg + train.csv (1.0 / 0.0 / -1.0 / blank)."""
     base = root / "CheXpert-v1.0-small"
     rows = []
     height, width = round(size * 1.2), size
-    for p in range(patients):
+    for p in patients:
         rng = _rng(seed, "chexpert", p)
         for study in range(1, 2 + int(rng.integers(0, 3))):  # 1-3 studies per patient
             finding = (p + study) % 4  # 0 none, 1 cardiomegaly, 2 effusion, 3 both
@@ -338,14 +338,14 @@ def brain_flair_volume(rng, size: int, depth: int, tumour_slice: int) -> tuple[n
     return np.clip(volume, 0, None), mask
 
 
-def write_brats(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
+def write_brats(root: Path, patients: range, seed: int, size: int, truth: dict) -> None:
     """BraTS 2021 layout: BraTS2021_NNNNN/BraTS2021_NNNNN_flair.nii.gz and _seg.nii.gz."""
     import nibabel as nib
 
     depth = 40
     affine = np.diag([240 / size, 240 / size, 155 / depth, 1.0])
     levels = [round(0.3 * (depth - 1)), round(0.5 * (depth - 1)), round(0.7 * (depth - 1))]
-    for p in range(patients):
+    for p in patients:
         rng = _rng(seed, "brats", p)
         case = f"BraTS2021_{p:05d}"
         volume, mask = brain_flair_volume(rng, size, depth, tumour_slice=levels[p % 3])
@@ -399,11 +399,11 @@ def oct_bscan(rng, height: int, width: int, kind: str) -> np.ndarray:
     return _to_uint8(img)
 
 
-def write_kermany_oct(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
+def write_kermany_oct(root: Path, patients: range, seed: int, size: int, truth: dict) -> None:
     """Kermany OCT2017 layout: OCT2017/{train,test}/<CLASS>/<CLASS>-<patient>-<n>.jpeg."""
     classes = ["CNV", "DME", "DRUSEN", "NORMAL"]
     height, width = size, round(size * 4 / 3)
-    for p in range(patients):
+    for p in patients:
         rng = _rng(seed, "kermany_oct", p)
         kind = classes[p % 4]
         patient = 1000000 + p * 7919 % 900000
@@ -456,13 +456,13 @@ def dermoscopy(rng, height: int, width: int, dx: str) -> np.ndarray:
     return _to_uint8(img * vignette * _shading(rng, height, width, 0.15)[..., None])
 
 
-def write_ham10000(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
+def write_ham10000(root: Path, patients: range, seed: int, size: int, truth: dict) -> None:
     """HAM10000 layout: HAM10000_images_part_1/ISIC_NNNNNNN.jpg + HAM10000_metadata.csv (lesion_id, image_id, dx, ...)."""
     classes = ["mel", "nv", "bkl", "bcc"]
     height, width = size, round(size * 4 / 3)
     rows = []
     image_number = 24306
-    for p in range(patients):
+    for p in patients:
         rng = _rng(seed, "ham10000", p)
         dx = classes[p % 4]
         lesion_id = f"HAM_{p * 104729 % 9999999:07d}"
@@ -527,14 +527,14 @@ def colonoscopy(rng, height: int, width: int, kind: str) -> np.ndarray:
     return _to_uint8(img)
 
 
-def write_kvasir_v2(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
+def write_kvasir_v2(root: Path, patients: range, seed: int, size: int, truth: dict) -> None:
     """Kvasir v2 layout: kvasir-dataset-v2/<class>/<uuid>.jpg, one folder per class (no patient ids)."""
     import uuid
 
     classes = ["polyps", "dyed-lifted-polyps", "esophagitis", "normal-cecum"]
     height, width = size, round(size * 1.2)
     first = None
-    for i in range(patients):
+    for i in patients:
         rng = _rng(seed, "kvasir_v2", i)
         kind = classes[i % 4]
         name = uuid.UUID(bytes=rng.bytes(16), version=4)
@@ -580,12 +580,12 @@ def lymph_node_histology(rng, size: int, tumour: bool, glass_fraction: float) ->
     return _to_uint8(img + 4 * rng.standard_normal(img.shape))
 
 
-def write_camelyon16(root: Path, patients: int, seed: int, size: int, truth: dict) -> None:
+def write_camelyon16(root: Path, patients: range, seed: int, size: int, truth: dict) -> None:
     """CAMELYON16 layout: training/{normal,tumor}/{normal,tumor}_NNN.tif. The real slides are pyramidal
     whole-slide images; these are single-level regions at a fixed magnification, tiled by curation."""
     import tifffile
 
-    for p in range(patients):
+    for p in patients:
         rng = _rng(seed, "camelyon16", p)
         tumour = p % 2 == 1
         kind = "tumor" if tumour else "normal"
@@ -613,6 +613,7 @@ def write_corpus(
     size: int = 128,
     sources: tuple[str, ...] = SOURCES,
     progress: bool = True,
+    first_patient: int = 0,
 ) -> dict:
     """Write the embedded raw corpus, one folder per source named as its manifest's `root`.
 
@@ -624,6 +625,9 @@ def write_corpus(
             photographs; histology regions are three tiles wide).
         sources: which sources to write.
         progress: show a progress bar.
+        first_patient: the number of the first patient written. A second corpus with the same seed
+            and `first_patient` past the first's patients holds other patients of the same sources
+            (the downstream experiment's held-out test patients).
 
     Returns:
         The ground truth written to `corpus.json`: defects with the reason curation must give, and
@@ -638,9 +642,20 @@ def write_corpus(
     if patients < 4:
         raise ValueError(f"need at least 4 patients per source (one per class), got {patients}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    truth = {"seed": seed, "patients": patients, "size": size, "sources": list(sources), "defects": [], "phi": []}
+    if first_patient < 0:
+        raise ValueError(f"first_patient must be at least 0, got {first_patient}")
+    truth = {
+        "seed": seed,
+        "patients": patients,
+        "first_patient": first_patient,
+        "size": size,
+        "sources": list(sources),
+        "defects": [],
+        "phi": [],
+    }
+    numbers = range(first_patient, first_patient + patients)
     for name in tqdm(sources, desc="corpus", unit="source", disable=not progress):
-        WRITERS[name](out_dir / name, patients, seed, size, truth)
+        WRITERS[name](out_dir / name, numbers, seed, size, truth)
     stray = out_dir / ".DS_Store"  # what a copied folder often carries; no manifest claims it
     stray.write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(32))
     truth["defects"].append({"source_file": stray, "reason": "unclaimed"})

@@ -386,6 +386,7 @@ def curate(
     progress: bool = True,
     captioner=None,
     caption_cache: str | Path | None = None,
+    patient_prefix: str = "",
 ) -> CurationResult:
     """Curate raw sources into an imagefolder dataset with `metadata.jsonl` and `rejected.csv`.
 
@@ -405,6 +406,9 @@ def curate(
             template (`medsyn.data.captions.vlm_captions`; refused descriptions keep the template).
         caption_cache: the captioner's cache file (default `<out_dir>.vlm_captions.jsonl`, beside the
             dataset so that it outlives a rebuild).
+        patient_prefix: put before every pseudonym (`<prefix><source>-00001`), so that the patients
+            of a second dataset of other patients (the downstream experiment's held-out set) are
+            never named like the first's.
     """
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw_dir.is_dir():
@@ -510,7 +514,7 @@ def curate(
                 _Candidate(reader.name, source_file, item, file_name, sha, item_labels, patient, reader.identifiers)
             )
 
-    records = _assign_splits(candidates, loaded, building, seed)
+    records = _assign_splits(candidates, loaded, building, seed, patient_prefix)
     captions = {"source": "template"}
     if captioner is not None:
         cache = Path(caption_cache) if caption_cache else out_dir.with_name(out_dir.name + ".vlm_captions.jsonl")
@@ -522,6 +526,70 @@ def curate(
     write_records(building, records, kind="curated")
     _swap_in(building, out_dir)
     return result
+
+
+# the held-out set has no training images: a quarter of its patients choose the downstream
+# classifier's epoch, three quarters test it
+HELD_OUT_FRACTIONS = (0.0, 0.25, 0.75)
+HELD_OUT_PREFIX = "held-out-"
+
+
+def curate_held_out(
+    manifests: list,
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    sources: list[str],
+    patients: int,
+    first_patient: int,
+    corpus_size: int,
+    size: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> CurationResult:
+    """Other patients of some sources of the embedded corpus, curated into a second dataset with
+    validation and test splits only (`HELD_OUT_FRACTIONS`): the downstream experiment's large test
+    sets, which the generators never see and which leave the main dataset's splits, and every
+    evaluation of them, unchanged.
+
+    Args:
+        manifests: the main curation's manifests (paths or validated dicts); those of `sources` are used.
+        raw_dir: where the held-out raw corpus is written (or was written by an earlier run with the
+            same `patients` and `first_patient`).
+        out_dir: the held-out dataset.
+        sources: the sources (downstream tasks) to write other patients of.
+        patients: patients per source.
+        first_patient: the first patient's number: the main corpus's patient count, so that none is
+            written twice.
+        corpus_size, size, seed: as for the main corpus (`write_corpus`) and curation (`curate`).
+        progress: show progress bars.
+
+    Raises:
+        ValueError: a source without a manifest, or a raw directory written with other patients.
+    """
+    from medsyn.data.corpus import write_corpus
+
+    loaded = [
+        validate_manifest(m, m.get("name", "<manifest>")) if isinstance(m, dict) else load_manifest(m)
+        for m in manifests
+    ]
+    chosen = [m for m in loaded if m["name"] in sources]
+    unknown = sorted(set(sources) - {m["name"] for m in chosen})
+    if unknown:
+        raise ValueError(f"held-out sources without a manifest: {unknown}")
+    raw_dir = Path(raw_dir)
+    truth_path = raw_dir.parent / f"{raw_dir.name}.corpus.json"
+    if raw_dir.exists() and any(raw_dir.iterdir()):
+        truth = json.loads(truth_path.read_text()) if truth_path.is_file() else {}
+        written = (truth.get("patients"), truth.get("first_patient"), sorted(truth.get("sources", [])))
+        if written != (patients, first_patient, sorted(sources)):
+            raise ValueError(
+                f"{raw_dir} holds another held-out corpus (patients, first patient, sources: {written}); "
+                f"asked for {(patients, first_patient, sorted(sources))}: remove it or choose another directory"
+            )
+    else:
+        write_corpus(raw_dir, patients, seed, corpus_size, tuple(sources), progress, first_patient)
+    held_out = [{**m, "split": {**m["split"], "fractions": list(HELD_OUT_FRACTIONS)}} for m in chosen]
+    return curate(held_out, raw_dir, out_dir, size=size, seed=seed, progress=progress, patient_prefix=HELD_OUT_PREFIX)
 
 
 SUMMARY = "curation_summary.json"
@@ -582,7 +650,9 @@ def _write_png(image: np.ndarray, building: Path) -> tuple[str, str]:
     return file_name, sha
 
 
-def _assign_splits(candidates: list[_Candidate], manifests: list[dict], building: Path, seed: int) -> list[dict]:
+def _assign_splits(
+    candidates: list[_Candidate], manifests: list[dict], building: Path, seed: int, patient_prefix: str = ""
+) -> list[dict]:
     """Pseudonymise patients, split per source (stratified by class) and move each image into its
     split's folder; return the records in file order."""
     by_name = {m["name"]: m for m in manifests}
@@ -595,7 +665,7 @@ def _assign_splits(candidates: list[_Candidate], manifests: list[dict], building
         key = (c.source, c.patient_key)
         if key not in pseudonyms:
             patients_per_source[c.source] += 1
-            pseudonyms[key] = f"{c.source}-{patients_per_source[c.source]:05d}"
+            pseudonyms[key] = f"{patient_prefix}{c.source}-{patients_per_source[c.source]:05d}"
         group_sizes[c.source][pseudonyms[key]] += 1
         classes[pseudonyms[key]][" + ".join(sorted(c.labels))] += 1
     split_of = {}

@@ -43,8 +43,9 @@ def patient_split(
         counts = np.zeros(3)
         for i in order:
             key = keys[i]
-            # fill the split with the largest remaining deficit; ties go to the earlier split (train)
-            choice = int(np.argmax(targets - counts))
+            # fill the split with the largest remaining deficit; ties go to the earlier split (train);
+            # a split whose fraction is 0 never gets a group, even when every other is full
+            choice = int(np.argmax(np.where(np.asarray(fractions) > 0, targets - counts, -np.inf)))
             assignment[key] = SPLITS[choice]
             counts[choice] += group_sizes[key]
         _fill_empty_splits(keys, group_sizes, fractions, assignment)

@@ -1,6 +1,8 @@
 """MediSyn's downstream classifier (Methods 4.3.5): torchvision's ResNet-50, trained with AdamW on
 real and synthetic images, the epoch with the best validation score kept. ImageNet weights come only
-from a local file."""
+from a local file. For small images and a few hundred training images (the embedded `default`),
+`architecture="compact"` trains the class probe's four-block CNN instead, which learns from random
+initialisation in a few epochs where a ResNet-50 barely moves."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +12,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from medsyn.models.class_probe import ClassProbe
 from medsyn.training.common import adamw
+
+ARCHITECTURES = ("resnet50", "compact")
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -31,6 +36,22 @@ def resnet50(outputs: int, imagenet_weights: str | Path | None = None) -> tuple[
         initialisation = "random initialisation (no ImageNet weights given)"
     model.fc = nn.Linear(model.fc.in_features, outputs)
     return model, initialisation
+
+
+def build_classifier(
+    architecture: str, outputs: int, imagenet_weights: str | Path | None = None
+) -> tuple[nn.Module, str]:
+    """The downstream classifier: 'resnet50' (MediSyn's; `resnet50`) or 'compact' (the class probe's
+    CNN, `medsyn.models.class_probe.ClassProbe`, random initialisation only). Returns the model and
+    how it was initialised, for the record."""
+    if architecture == "resnet50":
+        model, initialisation = resnet50(outputs, imagenet_weights)
+        return model, f"ResNet-50, {initialisation}"
+    if architecture == "compact":
+        if imagenet_weights is not None:
+            raise ValueError("ImageNet weights are for the ResNet-50; the compact CNN starts from random weights")
+        return ClassProbe(outputs), "compact CNN (the class probe's), random initialisation"
+    raise ValueError(f"unknown classifier architecture {architecture!r}; choose from {ARCHITECTURES}")
 
 
 def _inputs(images: np.ndarray) -> torch.Tensor:
@@ -60,9 +81,10 @@ def train_classifier(
     imagenet_weights: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    architecture: str = "resnet50",
 ) -> dict:
-    """MediSyn's downstream classifier: ResNet-50, AdamW at `lr`, `epochs` epochs with horizontal
-    flips, the epoch with the best validation score kept.
+    """MediSyn's downstream classifier: ResNet-50 (or the compact CNN, `build_classifier`), AdamW at
+    `lr`, `epochs` epochs with horizontal flips, the epoch with the best validation score kept.
 
     Args:
         images, targets: uint8 N x H x W x 3 training images and their `task_targets`.
@@ -74,18 +96,19 @@ def train_classifier(
         imagenet_weights: a local torchvision ResNet-50 weights file; None: random initialisation.
         seed: initialisation, batch order and flips.
         progress: show a progress bar.
+        architecture: 'resnet50' or 'compact' (`build_classifier`).
 
     Returns:
         {'model' (the best epoch's weights), 'initialisation', 'val_auroc' per epoch, 'best_epoch', 'loss' per epoch}.
     """
     torch.manual_seed(seed)
-    model, initialisation = resnet50(outputs, imagenet_weights)
+    model, initialisation = build_classifier(architecture, outputs, imagenet_weights)
     optimizer = adamw(model.parameters(), lr=lr)
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     y = torch.from_numpy(targets) if multilabel else torch.from_numpy(targets).long()
     generator = torch.Generator().manual_seed(seed)
     best, best_state, history, losses = -1.0, None, [], []
-    for _ in tqdm(range(epochs), desc="resnet50", unit="epoch", disable=not progress):
+    for _ in tqdm(range(epochs), desc=architecture, unit="epoch", disable=not progress):
         model.train()
         order, total = torch.randperm(len(images), generator=generator), 0.0
         for start in range(0, len(images), batch_size):
