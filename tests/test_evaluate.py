@@ -59,8 +59,20 @@ def test_real_copies_score_near_the_floor_and_noise_far_from_it(setup, tmp_path,
         "tiny: bar": 1.0,
         "tiny: disc": 1.0,
     }
+    # the colour-texture judge: real copies look like their class, noise does not
+    assert rows.loc["copies", "colour_texture_within_2x"] == 1.0 and rows.loc["noise", "colour_texture_within_2x"] == 0
+    assert rows.loc["copies", "colour_texture_ratio"] < 2 < rows.loc["noise", "colour_texture_ratio"]
+    judged = alignment["noise"]["colour_texture"]
+    assert list(judged.index) == ["tiny: bar", "tiny: disc"] and not judged["within_2x"].any()
     assert table["FID"].isna().all() and "FID not computed" in note and str(tmp_path / "torch_home") in note
-    for metric in ("FD_domain_clip", "KID_domain_clip", "precision", "domain_clip_score", "alignment_macro"):
+    for metric in (
+        "FD_domain_clip",
+        "KID_domain_clip",
+        "precision",
+        "domain_clip_score",
+        "alignment_macro",
+        "colour_texture_ratio",
+    ):
         inside = (table[f"{metric}_low"] <= table[metric] + 1e-9) & (table[metric] <= table[f"{metric}_high"] + 1e-9)
         assert inside.all(), metric
     assert plot_fidelity(table).axes
@@ -134,6 +146,8 @@ def test_comparison_table_collects_each_familys_numbers(tmp_path):
         "MS_SSIM_within_class",
         "domain_clip_score",
         "alignment_macro",
+        "colour_texture_ratio",
+        "colour_texture_within_2x",
     ]
     pd.DataFrame(
         [

@@ -19,6 +19,7 @@ import pandas as pd
 
 from medsyn.data.dataset import class_key, class_prompts, image_path, load_rgb, load_split, split_records
 from medsyn.intervals import bootstrap_interval, resolved
+from medsyn.metrics.colour import ColourTextureJudge, median_ratio, share_within
 from medsyn.metrics.fidelity import (
     feature_statistics,
     frechet_distance,
@@ -76,6 +77,8 @@ RANGES = {
     "NIQE_generated": (0.0, np.inf),
     "MS_SSIM_within_class": (0.0, 1.0),
     "alignment_macro": (0.0, 1.0),
+    "colour_texture_ratio": (0.0, np.inf),
+    "colour_texture_within_2x": (0.0, 1.0),
 }
 
 # each metric of the table: whether lower is better, for the words of the report
@@ -90,10 +93,16 @@ LOWER_IS_BETTER = {
     "MS_SSIM_within_class": True,
     "domain_clip_score": False,
     "alignment_macro": False,
+    "colour_texture_ratio": True,
+    "colour_texture_within_2x": False,
 }
 
+# the statistics over classes that the table computes on every image of a set (the paired
+# differences use the prompt-and-seed slots the two families share)
+OVER_ALL_IMAGES = ("alignment_macro", "colour_texture_ratio", "colour_texture_within_2x")
 
-def _set_measures(features, real_features, inception, real_inception, niqes, scores, correct, classes, pairs):
+
+def _set_measures(features, real_features, inception, real_inception, niqes, scores, correct, classes, pairs, ratios):
     """The table's statistics of one image set as functions of index arrays: (generated rows, real
     rows) for the two-set metrics, rows for the per-image ones, pairs for MS-SSIM."""
     two = {
@@ -113,9 +122,19 @@ def _set_measures(features, real_features, inception, real_inception, niqes, sco
     one = {
         "NIQE_generated": lambda i: float(niqes[i].mean()),
         "domain_clip_score": lambda i: float(scores[i].mean()),
-        "alignment_macro": lambda i: macro_mean(correct[i], classes[i]),
+        **_class_statistics(correct, classes, ratios),
     }
     return two, one, pairs
+
+
+def _class_statistics(correct: np.ndarray, classes: np.ndarray, ratios: np.ndarray) -> dict:
+    """The statistics over classes, as functions of index arrays: the classifier's macro accuracy and
+    the colour-texture judge's median ratio and share of classes within 2x (`medsyn.metrics.colour`)."""
+    return {
+        "alignment_macro": lambda i: macro_mean(correct[i], classes[i]),
+        "colour_texture_ratio": lambda i: median_ratio(ratios[i], classes[i]),
+        "colour_texture_within_2x": lambda i: share_within(ratios[i], classes[i]),
+    }
 
 
 def macro_mean(values: np.ndarray, classes: np.ndarray) -> float:
@@ -175,6 +194,13 @@ def fidelity_table(
 
     real, real_records = load_split(real_dir, real_split)
     sets = {"real": load_split(real_dir, reference_split)}
+    held_out, held_out_records = load_split(real_dir, "validation")
+    judge = ColourTextureJudge(
+        sets["real"][0],
+        [class_key(r) for r in sets["real"][1]],
+        np.concatenate([held_out, real]),
+        [class_key(r) for r in held_out_records + real_records],
+    )
     for family, directory in generated.items():
         sets[family] = load_split(directory, GENERATED)
     real_embeddings = embed_images(clip, real.transpose(0, 3, 1, 2)).double().numpy()
@@ -194,6 +220,7 @@ def fidelity_table(
         texts = embed_texts(clip, tokenizer, [prompts[c] for c in classes])
         predicted = np.asarray(probe.classes)[probe.predict(to_probe_input(images))]
         correct = (predicted == np.asarray(classes)).astype(np.float64)
+        ratios = judge.ratios(images, classes)
         pair_values, pair_classes, _ = within_class_ms_ssim_pairs(images, classes, seed=seed)
         two, one, pairs = _set_measures(
             features[mine],
@@ -205,6 +232,7 @@ def fidelity_table(
             correct[mine],
             np.asarray(classes)[mine],
             (pair_values, pair_classes),
+            ratios[mine],
         )
         n = len(mine)
         measured[family] = {"records": [records[i] for i in mine], "two": two, "one": one, "n_real": len(theirs)}
@@ -216,14 +244,11 @@ def fidelity_table(
             )
         for name in ("precision", "recall", "FID", "KID_inception"):
             row.setdefault(name, float("nan"))
+        whole = _class_statistics(correct, np.asarray(classes), ratios)
         for name, statistic in one.items():
-            if name == "alignment_macro":  # the table's alignment: every image of the set, not the compared ones
-                labels = np.asarray(classes)
-
-                def statistic(i, labels=labels, correct=correct):
-                    return macro_mean(correct[i], labels[i])
-
-            size = len(classes) if name == "alignment_macro" else n
+            if name in OVER_ALL_IMAGES:  # the table's: every image of the set, not the compared ones
+                statistic = whole[name]
+            size = len(classes) if name in OVER_ALL_IMAGES else n
             row[name] = statistic(np.arange(size))
             row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(
                 statistic, (size,), resamples, seed, bounds=RANGES.get(name, (-np.inf, np.inf))
@@ -241,6 +266,7 @@ def fidelity_table(
         row["MS_SSIM_within_class_real"] = real_ms_ssim
         row["MS_SSIM_window"] = window
         alignment[family] = probe.accuracy_of(to_probe_input(images), classes)
+        alignment[family]["colour_texture"] = judge.per_class(ratios, classes)
         row["niqe_block"] = niqe_block
         rows.append(row)
     differences = fidelity_differences(measured, resamples, seed)
@@ -335,6 +361,8 @@ def plot_fidelity(table: pd.DataFrame):
         ("MS_SSIM_within_class", "MS-SSIM within class ↓ (diversity)"),
         ("domain_clip_score", "domain CLIP score ↑"),
         ("alignment_macro", "classifier alignment ↑"),
+        ("colour_texture_ratio", "colour-texture ratio ↓"),
+        ("colour_texture_within_2x", "classes within 2x (colour) ↑"),
     ]
     metrics = [(m, t) for m, t in metrics if table[m].notna().any()]
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
@@ -526,6 +554,8 @@ COMPARED = (
     "MS_SSIM_within_class",
     "domain_clip_score",
     "alignment_macro",
+    "colour_texture_ratio",
+    "colour_texture_within_2x",
 )
 
 
@@ -662,6 +692,7 @@ def plot_comparison(table: pd.DataFrame):
     panels = [
         ("FD_domain_clip", "fidelity: FD (domain CLIP) ↓"),
         ("alignment_macro", "alignment: classifier ↑"),
+        ("colour_texture_within_2x", "alignment: colour within 2x ↑"),
         ("MS_SSIM_within_class", "diversity: MS-SSIM ↓"),
         ("tiled_l2_mean", "privacy: tiled L2 to nearest ↑"),
         ("auroc_gain_over_half_real", "utility: AUROC vs N real ↑"),
