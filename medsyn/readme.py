@@ -95,7 +95,7 @@ def _table(figures: Path, name: str, options: dict[str, str]) -> str:
             else _cell(table.at[row, column], None, None, digits)
             for row in table.index
         ]
-    markdown = shown.to_markdown(index="index" in options)
+    markdown = shown.to_markdown(index="index" in options, disable_numparse=True)
     return markdown + "\n\n" + _source_line(path)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from medsyn.data.dataset import image_path, load_images, load_rgb, read_records, split_records
 from medsyn.intervals import minimum_detectable_difference
@@ -63,7 +64,7 @@ def run_downstream(
         imagenet_weights: a local ResNet-50 ImageNet weights file; None: random initialisation.
         bootstrap_resamples: paired bootstrap resamples of the test set (MediSyn: 2,000).
         seed: the first replicate's seed (draw of the training sets, initialisation and batch order).
-        progress: show each classifier's progress bar.
+        progress: show a progress bar over the classifiers.
         architecture: 'resnet50' (MediSyn's) or 'compact' (`medsyn.training.classifier.build_classifier`).
         replicates: trainings of every training set, with seeds `seed`, `seed + 1`, ...
         held_out_dir: a curated dataset of other patients (`medsyn.data.curate.curate_held_out`)
@@ -84,6 +85,9 @@ def run_downstream(
     evaluation = read_records(evaluation_dir) if held_out_dir is not None else real
     synthetic = {family: split_records(directory, "train") for family, directory in generated.items()}
     results, comparisons, roc = [], [], {}
+    bar = tqdm(
+        total=len(tasks) * replicates * (2 + len(generated)), desc="downstream", unit="classifier", disable=not progress
+    )
     for task in tasks:
         mine = [r for r in real if r["source"] == task]
         if not mine:
@@ -131,9 +135,10 @@ def run_downstream(
                     batch_size=batch_size,
                     imagenet_weights=imagenet_weights,
                     seed=draw,
-                    progress=progress,
+                    progress=False,
                     architecture=architecture,
                 )
+                bar.update()
                 scores.setdefault(label, []).append(predict(run["model"], test_x, multilabel))
                 results.append(
                     {
@@ -172,6 +177,7 @@ def run_downstream(
                 }
             )
         roc[task] = (test_y, scores, multilabel)
+    bar.close()
     return {
         "table": pd.DataFrame(results).set_index(["task", "training_set", "replicate"]),
         "bootstrap": pd.DataFrame(comparisons).set_index(["task", "baseline", "compared"]),
