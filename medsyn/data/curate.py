@@ -580,11 +580,13 @@ def curate_held_out(
     truth_path = raw_dir.parent / f"{raw_dir.name}.corpus.json"
     if raw_dir.exists() and any(raw_dir.iterdir()):
         truth = json.loads(truth_path.read_text()) if truth_path.is_file() else {}
-        written = (truth.get("patients"), truth.get("first_patient"), sorted(truth.get("sources", [])))
-        if written != (patients, first_patient, sorted(sources)):
+        keys = ("patients", "first_patient", "sources", "seed", "size")
+        written = {k: sorted(truth[k]) if k == "sources" else truth[k] for k in keys if k in truth}
+        asked = dict(zip(keys, (patients, first_patient, sorted(sources), seed, corpus_size)))
+        if written != asked:
             raise ValueError(
-                f"{raw_dir} holds another held-out corpus (patients, first patient, sources: {written}); "
-                f"asked for {(patients, first_patient, sorted(sources))}: remove it or choose another directory"
+                f"{raw_dir} holds another held-out corpus ({written}); asked for {asked}: "
+                "remove it or choose another directory"
             )
     else:
         write_corpus(raw_dir, patients, seed, corpus_size, tuple(sources), progress, first_patient)
