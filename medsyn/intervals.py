@@ -93,7 +93,7 @@ def combined_mean_interval(estimates: list[float], lows: list[float], highs: lis
     if not estimates:
         return float("nan"), float("nan")
     z = norm.ppf(0.5 + CONFIDENCE / 2)
-    errors = (np.asarray(highs) - np.asarray(lows)) / (2 * z)
+    errors = np.array([standard_error_from_interval(low, high) for low, high in zip(lows, highs)])
     mean, error = float(np.mean(estimates)), float(np.sqrt((errors**2).sum()) / len(estimates))
     return mean - z * error, mean + z * error
 

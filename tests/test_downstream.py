@@ -80,12 +80,17 @@ def test_task_targets():
         task_targets(records, labels, False)
 
 
-def test_resnet50_learns_two_classes_and_keeps_its_best_epoch(tmp_path):
-    rng = np.random.default_rng(2)
+def _red_squares(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """48 noisy 32-px images, every second one with a red square (class 1), and their classes."""
+    rng = np.random.default_rng(seed)
     y = np.arange(48) % 2
     images = np.full((48, 32, 32, 3), 40, np.uint8)
-    images[y == 1, 8:24, 8:24] = (230, 80, 80)  # a red square or not
-    images = np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8)
+    images[y == 1, 8:24, 8:24] = (230, 80, 80)
+    return np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8), y
+
+
+def test_resnet50_learns_two_classes_and_keeps_its_best_epoch(tmp_path):
+    images, y = _red_squares(seed=2)
     result = train_classifier(
         images[:32],
         y[:32],
@@ -236,11 +241,7 @@ def test_downstream_is_read_only_where_twice_the_real_data_resolves():
 def test_compact_classifier_learns_and_refuses_imagenet_weights(tmp_path):
     from medsyn.training.classifier import build_classifier
 
-    rng = np.random.default_rng(5)
-    y = np.arange(48) % 2
-    images = np.full((48, 32, 32, 3), 40, np.uint8)
-    images[y == 1, 8:24, 8:24] = (230, 80, 80)
-    images = np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8)
+    images, y = _red_squares(seed=5)
     result = train_classifier(
         images[:32],
         y[:32],

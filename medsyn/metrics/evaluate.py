@@ -97,6 +97,9 @@ LOWER_IS_BETTER = {
     "colour_texture_within_2x": False,
 }
 
+# the metrics that are shares, drawn on 0-1
+SHARES = ("precision", "recall", "alignment_macro", "colour_texture_within_2x")
+
 # the statistics over classes that the table computes on every image of a set (the paired
 # differences use the prompt-and-seed slots the two families share)
 OVER_ALL_IMAGES = ("alignment_macro", "colour_texture_ratio", "colour_texture_within_2x")
@@ -371,6 +374,8 @@ def plot_fidelity(table: pd.DataFrame):
         ax.bar(range(len(table)), table[metric], color=colours, yerr=_error_bars(table, metric), capsize=3)
         ax.set_xticks(range(len(table)), table["family"], rotation=60, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+        if metric in SHARES:
+            ax.set_ylim(0, 1.05)
     fig.suptitle("bars: 95 % bootstrap intervals", fontsize=8)
     fig.tight_layout()
     return fig
@@ -711,6 +716,8 @@ def plot_comparison(table: pd.DataFrame):
         )
         ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+        if column in SHARES:  # a share of all-zero bars is drawn on its whole range, not on 0-0.04
+            ax.set_ylim(0, 1.05)
         if column.startswith("auroc_gain"):
             ax.axhline(0, color="0.5", linewidth=0.8)
     fig.suptitle("bars: 95 % intervals", fontsize=8)
