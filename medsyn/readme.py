@@ -6,7 +6,8 @@ A table in a Markdown file is a block between two markers:
     ...written here...
     <!-- /medsyn-table -->
 
-`render_tables` replaces each block's body with the named CSV of the figures directory (only the
+`render_tables` replaces each block's body with the named CSV of the figures directory (a name with a
+folder in it, such as `benchmarks/results/gpu.csv`, is read relative to the README instead; only the
 listed columns, in that order; all when `columns` is absent; `rows=a,b` keeps those index values
 only), every column that has `<column>_low` / `<column>_high` beside it shown as `value [low, high]`,
 and a line under it saying which file, commit and time it came from (the table's provenance record).
@@ -26,30 +27,37 @@ class TableError(ValueError):
     """A marked README table that cannot be written from the figures directory."""
 
 
-def render_tables(markdown: str, figures_dir: str | Path) -> tuple[str, list[str]]:
-    """The Markdown text with every marked table written from `figures_dir`, and the CSVs used."""
-    figures = Path(figures_dir)
+def render_tables(
+    markdown: str, figures_dir: str | Path, base: str | Path = ".", only: str | None = None
+) -> tuple[str, list[str]]:
+    """The Markdown text with every marked table written from `figures_dir` (names with a folder:
+    from `base`, the Markdown file's folder), and the CSVs used; with `only`, just the blocks whose
+    CSV name starts with it, the others left as they are."""
     used = []
 
     def replace(match: re.Match) -> str:
         name, options = _spec(match.group("spec"))
+        if only is not None and not name.startswith(only):
+            return match.group(0)
         used.append(name)
-        return match.group(1) + _table(figures, name, options) + "\n" + match.group(4)
+        path = Path(base) / name if "/" in name else Path(figures_dir) / name
+        return match.group(1) + _table(path, options) + "\n" + match.group(4)
 
     text = BLOCK.sub(replace, markdown)
     return text, used
 
 
-def write_readme_tables(readme: str | Path, figures_dir: str | Path) -> list[str]:
-    """Rewrite the marked tables of `readme` in place from `figures_dir`; returns the CSVs used.
+def write_readme_tables(readme: str | Path, figures_dir: str | Path, only: str | None = None) -> list[str]:
+    """Rewrite the marked tables of `readme` in place from `figures_dir` (with `only`, those whose CSV
+    name starts with it); returns the CSVs used.
 
     Raises:
         TableError: a block names a CSV or a column that is not there (the file is left as it was).
     """
     path = Path(readme)
-    text, used = render_tables(path.read_text(), figures_dir)
+    text, used = render_tables(path.read_text(), figures_dir, path.parent, only)
     if not used:
-        raise TableError(f"{path} has no '<!-- medsyn-table NAME.csv ... -->' block")
+        raise TableError(f"{path} has no '<!-- medsyn-table {only or ''}NAME.csv ... -->' block")
     path.write_text(text)
     return used
 
@@ -65,10 +73,10 @@ def _spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-def _table(figures: Path, name: str, options: dict[str, str]) -> str:
-    path = figures / name
+def _table(path: Path, options: dict[str, str]) -> str:
+    name = path.name
     if not path.is_file():
-        raise TableError(f"{path} not found: run the notebook that writes {name} (README, 'Figures and tables')")
+        raise TableError(f"{path} not found: run the notebook or benchmark that writes {name} (README)")
     table = pd.read_csv(path)
     if "index" in options:
         table = table.set_index(options["index"])
@@ -116,10 +124,12 @@ def _source_line(path: Path) -> str:
         return f"*Written from `{path.name}` (no provenance record beside it).*"
     provenance = json.loads(record.read_text())
     profile = provenance.get("parameters", {}).get("profile")
+    device = provenance.get("parameters", {}).get("device")
     commit = provenance.get("git_commit", "?")
     commit = commit.split("+")[0][:12] + ("+dirty" if commit.endswith("+dirty") else "")
     return (
         f"*Written by `medsyn tables` from `{path.name}`"
         + (f" of a `{profile}` run" if profile else "")
+        + (f" on {device}" if device else "")
         + f", commit `{commit}`, {provenance.get('created', '?')}.*"
     )

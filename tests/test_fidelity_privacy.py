@@ -146,3 +146,32 @@ def test_a_planted_copy_is_flagged(tmp_path):
     assert index[2] == 7 and distances[2] == 0
     assert np.flatnonzero(distances <= COPY_THRESHOLD).tolist() == [2]
     assert memorisation_table(distances, ["tiny"] * 6).set_index("specialty").loc["tiny", "pairs_at_most_0.15"] == 1
+
+
+def float64_nearest(queries, references):
+    """The plain search: float64 cosines, numpy's argmax (the first, i.e. lower, index among equals)."""
+    q = queries.double().numpy()
+    r = references.double().numpy()
+    similarity = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T
+    return similarity.argmax(1), similarity.max(1)
+
+
+def test_nearest_neighbours_equal_a_float64_search_through_near_ties_and_copies():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(20, 64, generator=g)
+    # clusters of near-copies: float32 alone cannot always order them
+    references = centres.repeat_interleave(50, 0) + 1e-4 * torch.randn(1000, 64, generator=g)
+    references[600:610] = references[3]  # ten exact copies of one reference after it: the lower index wins
+    queries = torch.cat([centres + 1e-5 * torch.randn(20, 64, generator=g), references[[3, 999]]])
+    truth_index, truth_similarity = float64_nearest(queries, references)
+    for candidates in (1, 4):
+        index, similarity = nearest_neighbours(queries, references, chunk=77, candidates=candidates)
+        assert np.array_equal(index, truth_index)
+        np.testing.assert_allclose(similarity, truth_similarity, rtol=0, atol=1e-12)
+    assert index[20] == 3  # the copy of reference 3 finds 3, not one of its ten later copies
+    # float32 alone gets some of these wrong: the float64 step is what makes the search exact
+    q32 = torch.nn.functional.normalize(queries, dim=1)
+    r32 = torch.nn.functional.normalize(references, dim=1)
+    assert not np.array_equal((q32 @ r32.T).argmax(1).numpy(), truth_index)
+    with pytest.raises(ValueError, match="candidates"):
+        nearest_neighbours(queries, references, candidates=0)

@@ -8,7 +8,7 @@ from tiny_models import save_tiny_sd, write_tiny_dataset
 
 from medsyn.cli import main
 from medsyn.data.dataset import class_key, image_path, read_records
-from medsyn.sampling import load_pipeline, set_scheduler
+from medsyn.sampling import generate, load_pipeline, optimise_for_sampling, set_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,18 @@ def test_unknown_scheduler_and_missing_pipeline(tiny, tmp_path, capsys):
         == 2
     )
     assert str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_optimise_for_sampling_sets_precision_and_layout_and_refuses_unknown_settings(tmp_path):
+    pipeline = load_pipeline(save_tiny_sd(tmp_path / "sd"))
+    reference = generate(pipeline, ["A red disc."], per_prompt=1, seed=3, steps=3)[0]["image"]
+    optimise_for_sampling(pipeline, "cpu", dtype="bfloat16", memory_format="channels_last")
+    assert pipeline.unet.dtype == torch.bfloat16 and pipeline.text_encoder.dtype == torch.bfloat16
+    assert pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    image = generate(pipeline, ["A red disc."], per_prompt=1, seed=3, steps=3)[0]["image"]
+    # the same image to bfloat16's precision (8 bits of mantissa): close, not equal
+    assert 0 < np.abs(image.astype(int) - reference).mean() < 8
+    with pytest.raises(ValueError, match="dtype"):
+        optimise_for_sampling(pipeline, dtype="int8")
+    with pytest.raises(ValueError, match="memory_format"):
+        optimise_for_sampling(pipeline, memory_format="nhwc")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from medsyn.data.dataset import class_key, class_prompts, image_path, load_rgb, load_split, split_records
 from medsyn.intervals import bootstrap_interval, resolved
@@ -467,7 +468,12 @@ def memorisation_pairs(
             planted = np.append(planted, True)
         groups = [(r.get("specialty"), r.get("image_type")) for r in records]
         index, similarity = nearest_in_group(
-            embed_images(clip, images.transpose(0, 3, 1, 2)), groups, training_embeddings, training_groups, chunk
+            embed_images(clip, images.transpose(0, 3, 1, 2)),
+            groups,
+            training_embeddings,
+            training_groups,
+            chunk,
+            "cuda" if torch.cuda.is_available() else None,  # a GPU's float32 products, exact all the same
         )
         for i, record in enumerate(records):
             j = index[i]

@@ -32,29 +32,80 @@ def tiled_l2(a: np.ndarray, b: np.ndarray, grid: int = 4) -> float:
 
 
 def nearest_neighbours(
-    queries: torch.Tensor, references: torch.Tensor, chunk: int = 65536
+    queries: torch.Tensor,
+    references: torch.Tensor,
+    chunk: int = 65536,
+    device: str | torch.device | None = None,
+    candidates: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest reference of each query by cosine similarity, in chunks of references, so that
-    10⁶ references need only one chunk × queries similarity block in memory at a time.
+    """Exact nearest reference of each query by cosine similarity, as a float64 search finds it (ties
+    go to the lower index), at the speed of a float32 one.
+
+    Float32 matrix products over chunks of references (so that 10⁶ references need one chunk × queries
+    block in memory at a time; on a GPU when `device` names one) keep each query's `candidates` best,
+    which are scored again in float64. A float32 cosine of unit vectors is within (D + 4) · 2⁻²⁴ of the
+    exact one (Higham's bound for a D-term dot product, plus the rounding of the normalised inputs), so
+    a reference left out can beat the float64 winner only if the last candidate's float32 score comes
+    within that bound of it. Such queries (near-ties, many copies of one image) are searched again in
+    float64 against every reference: the result equals a float64 search by construction.
 
     Args:
         queries: Q x D embeddings; references: R x D embeddings (any norm: both are normalised here).
         chunk: references per matrix product.
+        device: where the float32 products run (default: the CPU).
+        candidates: float32 candidates per query scored again in float64.
 
     Returns:
         (index of the nearest reference, its cosine similarity), one per query.
     """
     if len(references) == 0:
         raise ValueError("no reference embeddings to search")
-    q = torch.nn.functional.normalize(queries.float(), dim=1)
-    best = torch.full((len(q),), -2.0)
-    where = torch.zeros(len(q), dtype=torch.long)
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, not {candidates}")
+    device = torch.device(device or "cpu")
+    k = min(candidates, len(references))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 / bf16 products: the bound below is float32's
+    try:
+        q = torch.nn.functional.normalize(queries.to(device, torch.float32), dim=1)
+        kept = torch.full((len(q), k), -3.0, device=device)
+        where = torch.zeros((len(q), k), dtype=torch.long, device=device)
+        for start in range(0, len(references), chunk):
+            r = torch.nn.functional.normalize(references[start : start + chunk].to(device, torch.float32), dim=1)
+            kept, index = torch.cat([kept, q @ r.T], dim=1).topk(k, dim=1)
+            where = torch.where(index < k, torch.gather(where, 1, index.clamp(max=k - 1)), index - k + start)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    kept, where = kept.double().cpu().numpy(), where.cpu().numpy()
+    q64 = _unit64(queries)
+    exact = np.einsum(
+        "qd,qkd->qk", q64, _unit64(references[torch.from_numpy(where.reshape(-1))]).reshape(*where.shape, -1)
+    )
+    first = np.lexsort((where, -exact), axis=1)[:, 0]  # the best in float64, the lower index among equals
+    rows = np.arange(len(q64))
+    index, similarity = where[rows, first], exact[rows, first]
+    bound = (queries.shape[1] + 4) * 2.0**-24
+    doubtful = np.flatnonzero(kept[:, -1] >= similarity - bound) if k < len(references) else np.array([], int)
+    if len(doubtful):  # float32 cannot decide these: every reference in float64
+        index[doubtful], similarity[doubtful] = _nearest64(q64[doubtful], references, chunk)
+    return index, similarity
+
+
+def _unit64(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().cpu().double().numpy()
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # torch's normalize: 0 stays 0
+
+
+def _nearest64(q64: np.ndarray, references: torch.Tensor, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """A plain float64 search (the lower index among equals)."""
+    best, where = np.full(len(q64), -np.inf), np.zeros(len(q64), dtype=int)
     for start in range(0, len(references), chunk):
-        r = torch.nn.functional.normalize(references[start : start + chunk].float(), dim=1)
-        similarity, index = (q @ r.T).max(dim=1)
-        better = similarity > best
-        best[better], where[better] = similarity[better], index[better] + start
-    return where.numpy(), best.numpy()
+        similarity = q64 @ _unit64(references[start : start + chunk]).T
+        found = similarity.argmax(axis=1)
+        value = similarity[np.arange(len(q64)), found]
+        better = value > best
+        best[better], where[better] = value[better], found[better] + start
+    return where, best
 
 
 # MediSyn's threshold: a pair this close in every tile is a likely copy
@@ -62,7 +113,12 @@ COPY_THRESHOLD = 0.15
 
 
 def nearest_in_group(
-    queries: torch.Tensor, query_groups: list, references: torch.Tensor, reference_groups: list, chunk: int = 65536
+    queries: torch.Tensor,
+    query_groups: list,
+    references: torch.Tensor,
+    reference_groups: list,
+    chunk: int = 65536,
+    device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`nearest_neighbours` restricted to references of the query's own group (MediSyn: the same
     specialty and image type). A query whose group has no reference gets index −1 and similarity NaN,
@@ -72,6 +128,7 @@ def nearest_in_group(
         queries, references: Q x D and R x D embeddings.
         query_groups, reference_groups: a hashable group per row, e.g. (specialty, image_type).
         chunk: references per matrix product.
+        device: where the float32 products run (default: the CPU).
 
     Returns:
         (index into `references`, cosine similarity), one per query.
@@ -86,7 +143,7 @@ def nearest_in_group(
         mine = np.flatnonzero(query_groups == group)
         theirs = np.flatnonzero(reference_groups == group)
         if len(theirs):
-            found, best = nearest_neighbours(queries[mine], references[theirs], chunk)
+            found, best = nearest_neighbours(queries[mine], references[theirs], chunk, device)
             index[mine], similarity[mine] = theirs[found], best
     return index, similarity
 

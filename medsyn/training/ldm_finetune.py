@@ -8,6 +8,7 @@ On the embedded `default` profile the "pretrained" pipeline is the ldm-compact o
 itself, loaded through exactly this code. One loop, top to bottom: `finetune_unet`.
 """
 
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from medsyn.data.dataset import split_records
-from medsyn.sampling import load_pipeline
+from medsyn.sampling import MEMORY_FORMATS, compile_repeated_blocks, load_pipeline
 from medsyn.training.common import (
     adamw,
     add_lora,
@@ -39,9 +40,10 @@ from medsyn.training.common import (
 )
 
 
-def load_pretrained(pretrained_dir: str | Path):
-    """A Stable Diffusion (1.x) or SDXL pipeline from a local directory; nothing reaches the network."""
-    pipeline = load_pipeline(pretrained_dir)
+def load_pretrained(pretrained_dir):
+    """A Stable Diffusion (1.x) or SDXL pipeline from a local directory (nothing reaches the network),
+    or one already loaded, used as it is."""
+    pipeline = load_pipeline(pretrained_dir) if isinstance(pretrained_dir, (str, Path)) else pretrained_dir
     if not hasattr(pipeline, "unet"):
         raise ValueError(
             f"{pretrained_dir} holds a {type(pipeline).__name__}; ldm-finetune trains U-Net pipelines "
@@ -91,6 +93,8 @@ def finetune_unet(
     max_grad_norm: float = 1.0,
     mixed_precision: str = "no",
     gradient_checkpointing: bool = False,
+    memory_format: str = "contiguous",
+    compile_mode: str | None = None,
     checkpoint_every: int = 500,
     validation_every: int = 500,
     validation_prompts: list[str] | None = None,
@@ -99,6 +103,7 @@ def finetune_unet(
     seed: int = 0,
     resume: bool = True,
     progress: bool = True,
+    save_pipeline: bool = True,
 ) -> dict:
     """Fine-tune the U-Net of a local SD 1.x / SDXL pipeline; save the result to `<out_dir>/pipeline`.
 
@@ -110,7 +115,8 @@ def finetune_unet(
 
     Args:
         dataset_dir: curated dataset; the training split is used.
-        pretrained_dir: the pretrained pipeline directory (`model_index.json`, `unet/`, `vae/`, text encoders).
+        pretrained_dir: the pretrained pipeline directory (`model_index.json`, `unet/`, `vae/`, text encoders),
+            or such a pipeline already loaded (its U-Net is trained in place).
         out_dir: checkpoints, caches, validation grids, `pipeline/` (and `lora/`).
         steps: optimizer steps; batch_size: images per optimizer step over all processes and
             accumulation steps; gradient_accumulation_steps: micro-batches per optimizer step.
@@ -123,15 +129,23 @@ def finetune_unet(
         max_grad_norm: gradient clipping.
         mixed_precision: accelerate's 'no', 'fp16' or 'bf16'; the frozen VAE always encodes in float32.
         gradient_checkpointing: trade compute for memory in the U-Net.
+        memory_format: 'contiguous' or 'channels_last' (the U-Net's convolutions in NHWC, which cuDNN's
+            tensor-core kernels prefer; `benchmarks/train_step.py` measures what it gains).
+        compile_mode: `torch.compile` the U-Net's blocks with this mode (`medsyn.sampling.compile_repeated_blocks`;
+            'default', 'max-autotune-no-cudagraphs', ...); None: eager.
         checkpoint_every, validation_every: steps between checkpoints / validation grids (0: never).
         validation_prompts: prompts of the validation grid (default: up to 8 distinct captions).
         guidance_scale, sampling_steps: sampler settings of the validation grid.
         seed: seed of batch order and every random draw.
         resume: continue from the newest checkpoint in `<out_dir>/checkpoints`.
         progress: show a progress bar.
+        save_pipeline: write `<out_dir>/pipeline` (and `lora/`) at the end; False leaves the trained U-Net
+            in the pipeline object only (benchmarks, sweeps).
 
     Returns:
-        {'pipeline_dir', 'lora_dir' (or None), 'steps', 'trained_parameters', 'loss_history'}.
+        {'pipeline_dir', 'lora_dir' (or None), 'steps', 'trained_parameters', 'loss_history',
+        'step_seconds'}: the last is each optimizer step's wall-clock seconds (the loss is read every
+        step, so queued GPU work is included).
     """
     recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
@@ -179,11 +193,16 @@ def finetune_unet(
     trainable = add_lora(unet, lora_rank, lora_alpha) if lora_rank else list(unet.parameters())
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {list(MEMORY_FORMATS)}, not {memory_format!r}")
+    unet.to(memory_format=MEMORY_FORMATS[memory_format])
     prediction_type = pipeline.scheduler.config.prediction_type
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     ema = EMAModel(trainable, decay=ema_decay) if ema_decay else None
     optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
+    if compile_mode:
+        compile_repeated_blocks(unet, compile_mode)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)
@@ -193,9 +212,10 @@ def finetune_unet(
     size = latent_mean.shape[-1] * pipeline.vae_scale_factor
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
 
-    history = []
+    history, step_seconds = [], []
     bar = progress_bar(steps, start, "finetune", progress and accelerator.is_local_main_process)
     for step in range(start, steps):
+        began = time.perf_counter()
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro  # the global micro-batch number
             d = draw_batch(
@@ -231,6 +251,7 @@ def finetune_unet(
         # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
+        step_seconds.append(time.perf_counter() - began)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
@@ -252,10 +273,11 @@ def finetune_unet(
     bar.close()
 
     final = accelerator.unwrap_model(unet)
+    final.to(memory_format=torch.contiguous_format)
+    pipeline.unet = final
     pipeline_dir, lora_dir = out_dir / "pipeline", (out_dir / "lora" if lora_rank else None)
     with ema_weights(ema, trainable):
-        if accelerator.is_main_process:
-            pipeline.unet = final
+        if accelerator.is_main_process and save_pipeline:
             if lora_rank:
                 _save_lora(pipeline, final, lora_dir)
                 merge_adapters(final)  # the saved U-Net is a plain U-Net
@@ -267,6 +289,7 @@ def finetune_unet(
         "steps": steps,
         "trained_parameters": sum(p.numel() for p in trainable),
         "loss_history": history,
+        "step_seconds": step_seconds,
     }
 
 

@@ -1,0 +1,203 @@
+"""The papers' architectures from their published configurations, with random weights (nothing is
+downloaded): the SDXL base 1.0 and Stable Diffusion 1.5 U-Nets, text encoders and VAEs as their
+`config.json` files on the hub give them, and at CPU scale the same classes with small widths.
+
+The configurations are typed here because the hub cannot be reached; each is the diffusers /
+transformers config of the named checkpoint, with defaults left out."""
+
+import json
+from pathlib import Path
+
+import torch
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2.57 B parameters). diffusers calls the
+# number of heads `attention_head_dim` here: 5, 10, 20 heads of 64 channels.
+SDXL_UNET = {
+    "sample_size": 128,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+# runwayml/stable-diffusion-v1-5, unet/config.json (860 M parameters)
+SD15_UNET = {
+    "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+}
+# OpenAI CLIP ViT-L/14's text tower (SD 1.5; SDXL's first) and OpenCLIP ViT-bigG/14's (SDXL's second)
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+CLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+# the SD / SDXL VAE (83 M parameters; SDXL's scaling factor 0.13025, SD's 0.18215)
+VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+}
+SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+# CPU scale: the same classes and block layouts, narrow and shallow
+SMALL = {
+    "sdxl_unet": {
+        **SDXL_UNET,
+        "block_out_channels": [32, 64, 128],
+        "attention_head_dim": [1, 2, 4],
+        "transformer_layers_per_block": [1, 1, 2],
+        "layers_per_block": 1,
+        "cross_attention_dim": 128,
+        "addition_time_embed_dim": 16,
+        "projection_class_embeddings_input_dim": 64 + 6 * 16,
+        "norm_num_groups": 16,
+    },
+    "sd15_unet": {
+        **SD15_UNET,
+        "block_out_channels": [32, 64, 128, 128],
+        "attention_head_dim": 4,
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 16,
+    },
+    "clip_l": {
+        **CLIP_L,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 64,
+    },
+    "clip_bigg": {
+        **CLIP_BIGG,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 64,
+    },
+    "vae": {**VAE, "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 16},
+}
+
+
+def configurations(scale: str) -> dict:
+    if scale == "gpu":
+        return {"sdxl_unet": SDXL_UNET, "sd15_unet": SD15_UNET, "clip_l": CLIP_L, "clip_bigg": CLIP_BIGG, "vae": VAE}
+    return SMALL
+
+
+def clip_tokenizer(directory: Path, pad_token: str | None = None):
+    """CLIP's real BPE tokenizer (49,408 tokens) from the vocabulary open_clip ships, as a transformers
+    `CLIPTokenizer`: the tokenizer of SD 1.5 and SDXL."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    simple = SimpleTokenizer()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(simple.encoder))
+    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+    special = {v: k for k, v in simple.encoder.items()}
+    return CLIPTokenizer.from_pretrained(
+        directory,
+        bos_token=special[simple.sot_token_id],
+        eos_token=special[simple.eot_token_id],
+        unk_token=special[simple.eot_token_id],
+        pad_token=pad_token or special[simple.eot_token_id],
+        model_max_length=77,
+        local_files_only=True,
+    )
+
+
+def clip_text(config: dict, projection: bool, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    full = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(full)
+
+
+def build_pipeline(kind: str, scale: str, work: Path, device: torch.device, seed: int = 0):
+    """A random-weight `StableDiffusionXLPipeline` ('sdxl') or `StableDiffusionPipeline` ('sd15') of the
+    published configuration ('gpu' scale) or a small one ('cpu'), in float32 on `device`."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    configs = configurations(scale)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the device: a 2.6 B-parameter U-Net initialises in seconds
+        tokenizer = clip_tokenizer(work / kind / "tokenizer")
+        text_encoder = clip_text(configs["clip_l"], False, tokenizer)
+        vae = AutoencoderKL(**configs["vae"], scaling_factor=0.13025 if kind == "sdxl" else 0.18215)
+        unet = UNet2DConditionModel(**configs[f"{kind}_unet"])
+        scheduler = EulerDiscreteScheduler(**SCHEDULER)
+        if kind == "sdxl":
+            tokenizer_2 = clip_tokenizer(work / kind / "tokenizer_2", pad_token="!")
+            text_encoder_2 = clip_text(configs["clip_bigg"], True, tokenizer_2)
+            pipeline = StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2,
+                unet=unet,
+                scheduler=scheduler,
+            )
+        else:
+            pipeline = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def parameters_of(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,75 @@
+"""Every benchmark in one run (training step, sampling, nearest neighbours, FID features), one table
+with each row's ratio to its baseline, written with its provenance and, with `--readme`, into the
+README's marked performance tables. One benchmark that fails is reported as a row and the others run.
+
+    python -m benchmarks.run --scale gpu --out benchmarks/results/gpu.csv --readme
+    python -m benchmarks.run --scale cpu --out benchmarks/results/cpu.csv --readme   # 2 cores, minutes
+"""
+
+import argparse
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from benchmarks import inception, nearest_neighbours, sampling, train_step
+from benchmarks.common import README, RESULTS_DIR, device_for, finish, row
+
+# the quick ones first: a run cut short still reports them
+BENCHMARKS = {
+    "nearest neighbours": nearest_neighbours,
+    "FID features": inception,
+    "training step": train_step,
+    "sampling": sampling,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None, help="results CSV (default: benchmarks/results/<scale>.csv)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/medsyn-benchmarks"), help="scratch directory")
+    parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=None, help="run these only")
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's tables from the results")
+    parser.add_argument("--budget", type=float, default=None, help="seconds; compilation is skipped when short")
+    args = parser.parse_args()
+    args.deadline = time.monotonic() + args.budget if args.budget else None
+    if args.scale == "gpu" and not torch.cuda.is_available():
+        parser.error("--scale gpu needs a CUDA device; use --scale cpu here")
+    args.out = args.out or RESULTS_DIR / f"{args.scale}.csv"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    device = device_for(args.scale)
+    rows, seconds = [], {}
+    for name, module in BENCHMARKS.items():
+        if args.only and name not in args.only:
+            continue
+        began = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            rows.extend(module.measure(args))
+        except Exception as error:  # one failure is reported; the other benchmarks still run
+            traceback.print_exc()
+            rows.append(row(name, "-", "failed", note=f"{type(error).__name__}: {error}"[:300]))
+        seconds[name] = round(time.perf_counter() - began, 1)
+        print(f"== {name}: {seconds[name]} s", flush=True)
+        finish(rows, args, {"seconds": seconds, "settings": settings(args.scale)})  # kept after each one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.readme:
+        from medsyn.readme import write_readme_tables
+
+        used = write_readme_tables(README, README.parent, only=str(args.out.parent.relative_to(README.parent)))
+        print(f"README: wrote {', '.join(used)}")
+
+
+def settings(scale: str) -> dict:
+    return {name: module.SETTINGS[scale] for name, module in BENCHMARKS.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Training-step throughput of medsyn's fine-tuning loop (`medsyn.training.ldm_finetune.finetune_unet`,
+MediSyn's recipe) against a baseline set up as diffusers' `examples/text_to_image/train_text_to_image_sdxl.py`
+runs with its defaults, on the SDXL base and SD 1.5 U-Nets at 512² (random weights, real configurations).
+
+The baseline, as that script's defaults have it: float32 (no `--mixed_precision`), diffusers' default
+attention (PyTorch SDPA), `torch.optim.AdamW` (its default multi-tensor loop), no gradient
+checkpointing, gradient clipping at 1, VAE latents and text embeddings computed before training (the
+script's `dataset.map`), the loss read every step (its logging). Both train at the same batch.
+
+medsyn's variants, each measured on its own: bf16 autocast (float32 master weights) with fused AdamW;
+plus channels_last; plus `torch.compile`. Model-FLOP utilisation counts the U-Net's forward and backward
+FLOPs (torch's FLOP counter, one image) against the matrix-multiply peak measured in this run.
+
+    python -m benchmarks.train_step --scale gpu   # an H100 / H200: SDXL at 512², batch 8
+    python -m benchmarks.train_step --scale cpu   # 2 cores: the same code on small configurations
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.architectures import build_pipeline, parameters_of
+from benchmarks.common import (
+    COMPILE_SECONDS,
+    arguments,
+    device_for,
+    finish,
+    matmul_peak,
+    peak_memory_gib,
+    reset_peak_memory,
+    row,
+    time_left,
+)
+
+# per scale: image side, batch, warm-up steps (compilation, cuDNN's autotuning) and timed steps
+SETTINGS = {
+    "gpu": {"size": 512, "batch": 8, "warmup": 3, "steps": 8, "images": 32},
+    "cpu": {"size": 128, "batch": 4, "warmup": 2, "steps": 6, "images": 16},
+}
+PROMPTS = [
+    "Chest X-ray, PA view: cardiomegaly.",
+    "Chest X-ray, PA view: no finding.",
+    "Endoscopy: a polyp in the colon.",
+    "Dermoscopy: melanoma.",
+]
+
+
+def write_images(directory: Path, n: int, size: int) -> Path:
+    """A curated-format dataset of `n` random images with captions (all in the training split)."""
+    from PIL import Image
+
+    from medsyn.data.dataset import image_path, write_records
+
+    if (directory / "train" / "metadata.jsonl").is_file():
+        return directory
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        record = {
+            "file_name": f"{i:04d}.png",
+            "text": PROMPTS[i % len(PROMPTS)],
+            "split": "train",
+            "labels": [str(i % len(PROMPTS))],
+            "source": "benchmark",
+            "specialty": "benchmark",
+            "image_type": "noise",
+            "patient_id": f"benchmark-{i}",
+        }
+        path = image_path(directory, record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        records.append(record)
+    write_records(directory, records, kind="curated")
+    return directory
+
+
+def conditioning(pipeline, batch: int, size: int, device) -> dict:
+    """The U-Net's text conditioning for `batch` images, computed once (as the script precomputes it)."""
+    from medsyn.training.ldm_finetune import encode_with_pipeline, is_sdxl
+
+    encoded = encode_with_pipeline(pipeline, [PROMPTS[i % len(PROMPTS)] for i in range(batch)])
+    out = {"encoder_hidden_states": encoded["hidden_states"].to(device)}
+    if is_sdxl(pipeline):
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device)
+        out["added_cond_kwargs"] = {"text_embeds": encoded["pooled"].to(device), "time_ids": time_ids.repeat(batch, 1)}
+    return out
+
+
+def training_flops_per_image(unet, latent: int, condition: dict, device) -> float:
+    """Forward + backward FLOPs of one image through the U-Net (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = {k: ({kk: vv[:1] for kk, vv in v.items()} if isinstance(v, dict) else v[:1]) for k, v in condition.items()}
+    x = torch.randn(1, unet.config.in_channels, latent, latent, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(x, torch.tensor([500], device=device), **one).sample.float().pow(2).mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def baseline_steps(pipeline, batch: int, size: int, warmup: int, steps: int, device) -> list[float]:
+    """train_text_to_image_sdxl.py's step with its defaults (see the module docstring); seconds per step."""
+    from diffusers import DDPMScheduler
+
+    unet = pipeline.unet.train().requires_grad_(True)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    condition = conditioning(pipeline, batch, size, device)
+    latent = size // pipeline.vae_scale_factor
+    model_input = torch.randn(batch, unet.config.in_channels, latent, latent, device=device)  # cached latents
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    times = []
+    for _ in range(warmup + steps):
+        began = time.perf_counter()
+        noise = torch.randn_like(model_input)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), device=device).long()
+        noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+        prediction = unet(noisy, timesteps, **condition, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()  # the script logs the loss every step
+        times.append(time.perf_counter() - began)
+    del optimizer
+    unet.zero_grad(set_to_none=True)
+    return times[warmup:]
+
+
+def medsyn_steps(pipeline, dataset: Path, out: Path, batch: int, warmup: int, steps: int, **options) -> list[float]:
+    """`finetune_unet` itself on the same pipeline object; seconds of each step after the warm-up."""
+    from medsyn.training.ldm_finetune import finetune_unet
+
+    result = finetune_unet(
+        dataset,
+        pipeline,
+        out,
+        steps=warmup + steps,
+        batch_size=batch,
+        checkpoint_every=0,
+        validation_every=0,
+        resume=False,
+        progress=False,
+        save_pipeline=False,
+        **options,
+    )
+    return result["step_seconds"][warmup:]
+
+
+def step_row(model: str, variant: str, batch: int, times: list[float], flops: float, peak: float, device, note=""):
+    """A table row: images/s from the median step, the peak memory, and model-FLOP utilisation."""
+    rate = batch / float(np.median(times))
+    print(f"  {variant}: {rate:.2f} images/s", flush=True)
+    return row(
+        "training step",
+        model,
+        variant,
+        batch=batch,
+        throughput=rate,
+        unit="images/s",
+        peak_memory_gib=peak_memory_gib(device),
+        mfu=rate * flops / peak,
+        note=note,
+    )
+
+
+def variants(scale: str) -> list[tuple[str, dict]]:
+    """medsyn's settings, each adding one optimisation; compilation only where a GPU pays it back."""
+    listed = [
+        ("medsyn: bf16 autocast, fused AdamW", {"mixed_precision": "bf16"}),
+        ("+ channels_last", {"mixed_precision": "bf16", "memory_format": "channels_last"}),
+    ]
+    if scale == "gpu":
+        listed.append(
+            (
+                "+ torch.compile",
+                {"mixed_precision": "bf16", "memory_format": "channels_last", "compile_mode": "default"},
+            )
+        )
+    else:  # bf16 does not speed up a CPU (DESIGN, measured): medsyn's CPU profiles train in float32
+        listed.insert(0, ("medsyn: float32, fused AdamW", {"mixed_precision": "no"}))
+    return listed
+
+
+def measure(args, models=("sd15", "sdxl")) -> list[dict]:
+    device = device_for(args.scale)
+    settings = SETTINGS[args.scale]
+    peak = matmul_peak(
+        device, torch.bfloat16 if device.type == "cuda" else torch.float32, 8192 if device.type == "cuda" else 1024
+    )
+    dataset = write_images(args.work / f"images_{settings['size']}", settings["images"], settings["size"])
+    rows = []
+    for kind in models:
+        name = {"sdxl": "SDXL base U-Net", "sd15": "SD 1.5 U-Net"}[kind]
+        pipeline = build_pipeline(kind, args.scale, args.work, device)
+        model = f"{name} ({parameters_of(pipeline.unet) / 1e9:.2f} B), {settings['size']}²"
+        latent = settings["size"] // pipeline.vae_scale_factor
+        batch = settings["batch"]
+        flops = training_flops_per_image(
+            pipeline.unet, latent, conditioning(pipeline, 1, settings["size"], device), device
+        )
+        print(f"{model}: {flops / 1e9:.3g} GFLOP per training image; peak {peak / 1e12:.3g} TFLOP/s", flush=True)
+
+        reset_peak_memory(device)
+        try:
+            times = baseline_steps(pipeline, batch, settings["size"], settings["warmup"], settings["steps"], device)
+        except torch.OutOfMemoryError:
+            reset_peak_memory(device)
+            batch //= 2  # the float32 baseline is the larger: both run at the batch it fits
+            times = baseline_steps(pipeline, batch, settings["size"], settings["warmup"], settings["steps"], device)
+        rows.append(
+            step_row(
+                model,
+                "baseline: diffusers train_text_to_image_sdxl.py defaults (float32, SDPA, AdamW)",
+                batch,
+                times,
+                flops,
+                peak,
+                device,
+            )
+        )
+        for variant, options in variants(args.scale):
+            if "compile_mode" in options and (kind != "sdxl" or time_left(args) < COMPILE_SECONDS):
+                # compiled for the headline model only, and only when the run has time for it
+                rows.append(
+                    row(
+                        "training step",
+                        model,
+                        variant,
+                        batch=batch,
+                        note="not run: compiled for SDXL only, when time allows",
+                    )
+                )
+                continue
+            reset_peak_memory(device)
+            began = time.perf_counter()
+            try:
+                times = medsyn_steps(
+                    pipeline,
+                    dataset,
+                    args.work / f"run_{kind}",
+                    batch,
+                    settings["warmup"],
+                    settings["steps"],
+                    **options,
+                )
+            except torch.OutOfMemoryError as error:
+                rows.append(row("training step", model, variant, batch=batch, note=f"out of memory: {error}"[:200]))
+                continue
+            note = f"first {settings['warmup']} steps (warm-up) not timed; run {time.perf_counter() - began:.0f} s"
+            rows.append(step_row(model, variant, batch, times, flops, peak, device, note))
+        del pipeline
+        reset_peak_memory(device)
+    return rows
+
+
+if __name__ == "__main__":
+    arguments_ = arguments(__doc__.splitlines()[0])
+    finish(measure(arguments_), arguments_, {"settings": SETTINGS[arguments_.scale]})
