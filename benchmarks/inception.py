@@ -41,7 +41,8 @@ def random_inception(path: Path) -> Path:
     return path
 
 
-def measure(args) -> list[dict]:
+def measure(args, rows: list | None = None) -> list[dict]:
+    """Append one row per measurement to `rows` as it is made (a run cut short keeps them); return them."""
     from medsyn.metrics.fidelity import INCEPTION_FILE, inception_features
 
     device = device_for(args.scale)
@@ -49,7 +50,7 @@ def measure(args) -> list[dict]:
     weights = random_inception(args.work / "inception" / INCEPTION_FILE)
     images = np.random.default_rng(0).integers(0, 256, (s["images"], s["size"], s["size"], 3), dtype=np.uint8)
     model = f"InceptionV3 (FID), {s['size']}² uint8 images resized to 299²"
-    rows = []
+    rows = [] if rows is None else rows
     places = [("cpu", 50, s["baseline_images"])] + (
         [("cuda", s["batch"], s["images"])] if device.type == "cuda" else []
     )

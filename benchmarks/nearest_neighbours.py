@@ -52,7 +52,8 @@ def float64_search(queries: torch.Tensor, references: torch.Tensor, chunk: int =
     return where, best
 
 
-def measure(args) -> list[dict]:
+def measure(args, rows: list | None = None) -> list[dict]:
+    """Append one row per measurement to `rows` as it is made (a run cut short keeps them); return them."""
     from medsyn.metrics.privacy import nearest_neighbours
 
     device = device_for(args.scale)
@@ -64,7 +65,8 @@ def measure(args) -> list[dict]:
     began = time.perf_counter()
     truth, _ = float64_search(few, references)
     baseline_seconds = time.perf_counter() - began
-    rows = [
+    rows = [] if rows is None else rows
+    rows.append(
         row(
             "nearest neighbours",
             model,
@@ -75,7 +77,7 @@ def measure(args) -> list[dict]:
             identical=1.0,
             note=f"{len(few):,} queries in {baseline_seconds:.1f} s, {torch.get_num_threads()} CPU threads",
         )
-    ]
+    )
     print(f"  baseline: {len(few) / baseline_seconds:.3g} queries/s", flush=True)
     places = [("cpu", torch.device("cpu"))] + ([("cuda", device)] if device.type == "cuda" else [])
     for place, where in places:

@@ -8,6 +8,7 @@ README's marked performance tables. One benchmark that fails is reported as a ro
 
 import argparse
 import os
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -45,21 +46,28 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()
     device = device_for(args.scale)
     rows, seconds = [], {}
-    for name, module in BENCHMARKS.items():
-        if args.only and name not in args.only:
-            continue
-        began = time.perf_counter()
-        print(f"== {name}", flush=True)
-        try:
-            rows.extend(module.measure(args))
-        except Exception as error:  # one failure is reported; the other benchmarks still run
-            traceback.print_exc()
-            rows.append(row(name, "-", "failed", note=f"{type(error).__name__}: {error}"[:300]))
-        seconds[name] = round(time.perf_counter() - began, 1)
-        print(f"== {name}: {seconds[name]} s", flush=True)
-        finish(rows, args, {"seconds": seconds, "settings": settings(args.scale)})  # kept after each one
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: the rows measured so far are still written
+        raise SystemExit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for name, module in BENCHMARKS.items():
+            if args.only and name not in args.only:
+                continue
+            began = time.perf_counter()
+            print(f"== {name}", flush=True)
+            try:
+                module.measure(args, rows)
+            except Exception as error:  # one failure is reported; the other benchmarks still run
+                traceback.print_exc()
+                rows.append(row(name, "-", "failed", note=f"{type(error).__name__}: {error}"[:300]))
+            seconds[name] = round(time.perf_counter() - began, 1)
+            print(f"== {name}: {seconds[name]} s", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        finish(rows, args, {"seconds": seconds, "settings": settings(args.scale)})
     if args.readme:
         from medsyn.readme import write_readme_tables
 

@@ -64,7 +64,8 @@ def caller(pipeline, prompts: list[str], size: int, pipeline_defaults: bool):
     return lambda steps: medsyn_call(pipeline, prompts, steps)
 
 
-def measure(args) -> list[dict]:
+def measure(args, rows: list | None = None) -> list[dict]:
+    """Append one row per measurement to `rows` as it is made (a run cut short keeps them); return them."""
     from medsyn.sampling import optimise_for_sampling, set_scheduler
 
     device = device_for(args.scale)
@@ -81,7 +82,7 @@ def measure(args) -> list[dict]:
         variants.append(
             (
                 "+ torch.compile",
-                {"dtype": "bfloat16", "memory_format": "channels_last", "compile_mode": "max-autotune-no-cudagraphs"},
+                {"dtype": "bfloat16", "memory_format": "channels_last", "compile_mode": "default"},
             )
         )
     if device.type == "cpu":  # half precision is slower on a CPU; medsyn samples in float32 there
@@ -90,7 +91,7 @@ def measure(args) -> list[dict]:
             ("medsyn: float32", {"dtype": "float32"}),
             ("+ channels_last", {"dtype": "float32", "memory_format": "channels_last"}),
         ]
-    rows = []
+    rows = [] if rows is None else rows
     for sampler, (scheduler, steps) in SAMPLERS.items():
         pipeline = build_pipeline("sdxl", args.scale, args.work, device)
         set_scheduler(pipeline, scheduler)

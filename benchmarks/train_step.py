@@ -185,14 +185,15 @@ def variants(scale: str) -> list[tuple[str, dict]]:
     return listed
 
 
-def measure(args, models=("sd15", "sdxl")) -> list[dict]:
+def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dict]:
+    """Append one row per measurement to `rows` as it is made (a run cut short keeps them); return them."""
     device = device_for(args.scale)
     settings = SETTINGS[args.scale]
     peak = matmul_peak(
         device, torch.bfloat16 if device.type == "cuda" else torch.float32, 8192 if device.type == "cuda" else 1024
     )
     dataset = write_images(args.work / f"images_{settings['size']}", settings["images"], settings["size"])
-    rows = []
+    rows = [] if rows is None else rows
     for kind in models:
         name = {"sdxl": "SDXL base U-Net", "sd15": "SD 1.5 U-Net"}[kind]
         pipeline = build_pipeline(kind, args.scale, args.work, device)

@@ -128,6 +128,12 @@ def _add_sample(sub):
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50, MediSyn's)")
     p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default 7, MediSyn's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights' precision (default float32; bfloat16 on a GPU is about 2.5x faster, README 'Performance')",
+    )
 
 
 def _add_tables(sub):
@@ -241,6 +247,7 @@ def _run(args) -> int:
             steps=args.steps,
             guidance_scale=args.guidance,
             batch_size=args.batch_size,
+            precision=args.precision,
         )
         print(f"wrote {len(read_records(out))} images to {out}")
     elif args.command == "validate":

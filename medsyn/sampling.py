@@ -286,14 +286,19 @@ def sample_class_prompts(
     guidance_scale: float = 7.0,
     batch_size: int = 32,
     batch_seconds: list | None = None,
+    precision: str = "float32",
 ) -> Path:
     """`per_prompt` images for each class prompt of a curated dataset's training split, written as a
     generated dataset (`write_generated_dataset`). Defaults are MediSyn's sampler: Euler, 50 steps,
-    CFG 7. Returns the dataset directory; `batch_seconds` receives each batch's seconds per image."""
+    CFG 7. Returns the dataset directory; `batch_seconds` receives each batch's seconds per image.
+    Sampling runs on a GPU when there is one, in `precision` ('float32', or 'bfloat16': 2.5 times the
+    images per second on an H200, `benchmarks/sampling.py`), which every image's record states: a seed
+    regenerates its image at the same precision."""
     if is_dataset(out_dir):  # before any sampling work
         raise FileExistsError(f"{out_dir} holds a dataset: write each generated dataset to a new directory")
     classes = list(class_fields(split_records(dataset_dir, "train")).values())
     pipeline = load_pipeline(pipeline_dir)
+    optimise_for_sampling(pipeline, "cuda" if torch.cuda.is_available() else "cpu", dtype=precision)
     set_scheduler(pipeline, scheduler)
     samples = generate(
         pipeline,
@@ -305,9 +310,8 @@ def sample_class_prompts(
         batch_size=batch_size,
         batch_seconds=batch_seconds,
     )
-    return write_generated_dataset(
-        samples, out_dir, model, classes, sampler_settings(pipeline, scheduler, steps, guidance_scale)
-    )
+    settings = {**sampler_settings(pipeline, scheduler, steps, guidance_scale), "precision": precision}
+    return write_generated_dataset(samples, out_dir, model, classes, settings)
 
 
 def sample_families(
@@ -320,9 +324,10 @@ def sample_families(
     steps: int = 50,
     guidance_scale: float = 7.0,
     batch_size: int = 32,
+    precision: str = "float32",
 ) -> pd.DataFrame:
-    """Sample every family's pipeline into `<generated_dir>/<family>` (`sample_class_prompts`), with
-    one sampler for all. A family whose generated dataset already exists is kept when it was sampled
+    """Sample every family's pipeline into `<generated_dir>/<family>` (`sample_class_prompts`, on a GPU
+    when there is one, in `precision`), with one sampler for all. A family whose generated dataset already exists is kept when it was sampled
     with the same settings and count; otherwise this stops and names the directory to remove.
 
     Returns:
@@ -334,7 +339,7 @@ def sample_families(
 
     if not pipelines:
         raise ValueError("no pipelines to sample: give family -> saved pipeline directory")
-    settings = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale}
+    settings = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale, "precision": precision}
     prompts = len(class_prompts(split_records(dataset_dir, "train")))
     rows = []
     for family, pipeline_dir in pipelines.items():
@@ -345,7 +350,9 @@ def sample_families(
             expected = dict(settings)
             if kept[0].get("scheduler") == "autoregressive":  # vq-ar: no scheduler, its own number of steps
                 expected.update(scheduler="autoregressive", steps=kept[0].get("steps"))
-            differing = {k: kept[0].get(k) for k, v in expected.items() if kept[0].get(k) != v}
+            # datasets written before precision was recorded were sampled in float32
+            recorded = {"precision": "float32", **kept[0]}
+            differing = {k: recorded.get(k) for k, v in expected.items() if recorded.get(k) != v}
             if differing or len(kept) != per_prompt * prompts:
                 raise ValueError(
                     f"{out} holds images sampled differently ({differing or f'{len(kept)} images'}); "
@@ -365,6 +372,7 @@ def sample_families(
                 guidance_scale=guidance_scale,
                 batch_size=batch_size,
                 batch_seconds=batches,
+                precision=precision,
             )
             status = "sampled"
         seconds = time.perf_counter() - started
@@ -378,7 +386,7 @@ def sample_families(
                 "seconds_per_image": float(np.mean(batches)) if batches else float("nan"),
                 **dict(zip(("seconds_per_image_low", "seconds_per_image_high"), mean_interval(batches))),
                 "seconds_total": seconds if status == "sampled" else float("nan"),
-                **{k: written[0].get(k) for k in settings},  # as recorded: vq-ar's differ
+                **{k: {"precision": "float32", **written[0]}.get(k) for k in settings},  # as recorded: vq-ar's differ
             }
         )
     return pd.DataFrame(rows)

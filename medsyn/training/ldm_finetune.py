@@ -64,7 +64,7 @@ def encode_with_pipeline(pipeline, prompts: list[str]) -> dict[str, torch.Tensor
                 prompt=list(prompts), device=pipeline.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
             if pipeline.config.force_zeros_for_empty_prompt:
-                empty = torch.tensor([not p for p in prompts])
+                empty = torch.tensor([not p for p in prompts], device=hidden.device)
                 hidden, pooled = hidden.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
             return {"hidden_states": hidden, "pooled": pooled}
         hidden, _ = pipeline.encode_prompt(list(prompts), pipeline.device, 1, False)
@@ -145,7 +145,7 @@ def finetune_unet(
     Returns:
         {'pipeline_dir', 'lora_dir' (or None), 'steps', 'trained_parameters', 'loss_history',
         'step_seconds'}: the last is each optimizer step's wall-clock seconds (the loss is read every
-        step, so queued GPU work is included).
+        step, so queued GPU work is included; so is a checkpoint written at the step's end).
     """
     recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
@@ -251,13 +251,13 @@ def finetune_unet(
         # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         history.append(loss.item() * gradient_accumulation_steps)
-        step_seconds.append(time.perf_counter() - began)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1], "recipe": recipe})
         # End block
+        step_seconds.append(time.perf_counter() - began)  # with a checkpoint written at its end, if any
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline.unet = accelerator.unwrap_model(unet).eval()
