@@ -9,7 +9,7 @@ A table in a Markdown file is a block between two markers:
 `render_tables` replaces each block's body with the named CSV of the figures directory (a name with a
 folder in it, such as `benchmarks/results/gpu.csv`, is read relative to the README instead; only the
 listed columns, in that order; all when `columns` is absent; `rows=a,b` keeps those index values
-only), every column that has `<column>_low` / `<column>_high` beside it shown as `value [low, high]`,
+only; `integers=a,b` shows those columns without decimals), every column that has `<column>_low` / `<column>_high` beside it shown as `value [low, high]`,
 and a line under it saying which file, commit and time it came from (the table's provenance record).
 A block whose CSV or column is missing stops with an error naming it, and nothing is written.
 """
@@ -67,8 +67,10 @@ def _spec(spec: str) -> tuple[str, dict[str, str]]:
     options = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in ("columns", "index", "digits", "rows") or not value:
-            raise TableError(f"table {name}: unknown or empty option {pair!r} (columns=, index=, rows=, digits=)")
+        if key not in ("columns", "index", "digits", "rows", "integers") or not value:
+            raise TableError(
+                f"table {name}: unknown or empty option {pair!r} (columns=, index=, rows=, digits=, integers=)"
+            )
         options[key] = value
     return name, options
 
@@ -95,8 +97,12 @@ def _table(path: Path, options: dict[str, str]) -> str:
     if missing:
         raise TableError(f"{path}: no columns {missing}; it has {list(table.columns)}")
     digits = int(options.get("digits", 3))
+    integers = options.get("integers", "").split(",")
     shown = pd.DataFrame(index=table.index)
     for column in columns:
+        if column in integers:  # counts, batch sizes: CSV readers make them floats where a cell is empty
+            shown[column] = [_cell(table.at[row, column], None, None, 0) for row in table.index]
+            continue
         shown[column] = [
             _cell(table.at[row, column], table.at[row, f"{column}_low"], table.at[row, f"{column}_high"], digits)
             if f"{column}_low" in table.columns and f"{column}_high" in table.columns

@@ -77,16 +77,19 @@ def test_a_table_named_with_a_folder_is_read_beside_the_readme_and_only_selects_
     figures = _figures(tmp_path)
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
-    pd.DataFrame({"variant": ["baseline", "medsyn"], "throughput": [10.0, 31.5], "ratio": [1.0, 3.15]}).to_csv(
-        results / "gpu.csv", index=False
-    )
+    pd.DataFrame(
+        {"variant": ["baseline", "medsyn"], "batch": [8, None], "throughput": [10.0, 31.5], "ratio": [1.0, 3.15]}
+    ).to_csv(results / "gpu.csv", index=False)
     (results / "gpu.csv.provenance.json").write_text(
         json.dumps({"git_commit": "feed", "created": "2026-11-30", "parameters": {"device": "NVIDIA H200"}})
     )
-    markdown = README + "\n<!-- medsyn-table benchmarks/results/gpu.csv digits=1 -->\n<!-- /medsyn-table -->\n"
+    markdown = (
+        README + "\n<!-- medsyn-table benchmarks/results/gpu.csv digits=1 integers=batch -->\n<!-- /medsyn-table -->\n"
+    )
     text, used = render_tables(markdown, figures, tmp_path, only="benchmarks/")
     assert used == ["benchmarks/results/gpu.csv"]
     assert "| old | typed |" in text  # the figures' blocks are left as they were
     assert "31.5" in text and "3.1" in text and "on NVIDIA H200" in text
+    assert "| 8       |" in text and "8.0" not in text  # a count with an empty cell stays a count
     text, used = render_tables(markdown, figures, tmp_path)
     assert used == ["comparison.csv", "power.csv", "benchmarks/results/gpu.csv"]
