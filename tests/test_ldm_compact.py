@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import write_tiny_dataset
 
+from medsyn.models.class_probe import TrainedProbe
 from medsyn.training.ldm_compact import train_unet, train_vae
 
 TINY_VAE = {"block_out_channels": [8, 16], "norm_num_groups": 4}
@@ -252,3 +253,41 @@ def test_resuming_with_another_recipe_is_an_error_unless_overridden(tiny_dataset
         "checkpoint": 2e-3,
         "now": 1e-3,
     }
+
+
+def test_autoencoder_ceiling_judges_reconstructions_per_class(tiny_dataset, tiny_vae, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from medsyn.data.dataset import class_key, load_images, split_records
+    from medsyn.models.class_probe import to_probe_input
+    from medsyn.training.class_probe import train_class_probe
+    from medsyn.training.report import autoencoder_ceiling
+
+    probe_path = train_class_probe(tiny_dataset, split_records(tiny_dataset, "train"), epochs=3, progress=False).save(
+        tmp_path / "probe.pt"
+    )
+    records = split_records(tiny_dataset, "train")[:12]
+    table = autoencoder_ceiling(tiny_vae["vae_dir"], tiny_dataset, records, probe_path)
+    # by hand: torch's MSE for the PSNR, the probe's own predictions for the accuracy
+    vae = AutoencoderKL.from_pretrained(tiny_vae["vae_dir"]).eval()
+    originals = load_images(tiny_dataset, records)
+    with torch.no_grad():
+        x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = ((vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1) + 1) * 127.5).round()
+    y = y.permute(0, 2, 3, 1)
+    target = torch.from_numpy(originals).float()
+    mse = torch.stack([torch.nn.functional.mse_loss(a, b) for a, b in zip(y, target)])
+    psnr = 10 * torch.log10(255**2 / mse)
+    predicted = TrainedProbe.load(probe_path).predict(to_probe_input(y.numpy().astype(np.uint8)))
+    classes = [class_key(r) for r in records]
+    probe = TrainedProbe.load(probe_path)
+    for name in set(classes):
+        mine = [i for i, c in enumerate(classes) if c == name]
+        assert table.loc[name, "images"] == len(mine)
+        assert table.loc[name, "psnr_db"] == pytest.approx(float(psnr[mine].mean()), abs=1e-3)
+        hits = np.mean([predicted[i] == probe.classes.index(name) for i in mine])
+        assert table.loc[name, "classifier_on_reconstructions"] == pytest.approx(hits)
+        colour = (y[mine].mean(dim=(1, 2)) - target[mine].mean(dim=(1, 2))).abs().mean()
+        assert table.loc[name, "colour_error"] == pytest.approx(float(colour), abs=1e-3)
+    assert table.loc["macro mean", "images"] == 12
+    assert table.loc["macro mean", "psnr_db"] == pytest.approx(table["psnr_db"].iloc[:-1].mean())

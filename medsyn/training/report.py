@@ -62,3 +62,58 @@ def plot_image_pairs(originals: np.ndarray, reconstructions: np.ndarray, title: 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+@torch.no_grad()
+def autoencoder_ceiling(vae_dir: str | Path, dataset_dir: str | Path, records: list[dict], probe_path: str | Path):
+    """What a latent family can reach at best: real held-out images through the autoencoder
+    (encode to the posterior mean, decode), judged per class.
+
+    Per class: the reconstruction PSNR (dB, per image, then the mean), the colour error (the mean
+    absolute difference of each image's per-channel means, 0-255) and the share of reconstructions the
+    real-image classifier of 01 (`medsyn.models.class_probe`) still assigns to their class, beside its
+    share on the originals. No generator trained in this latent space can pass that classifier more
+    often than its reconstructions do, so the last column is every latent family's alignment ceiling.
+
+    Args:
+        vae_dir: a saved `AutoencoderKL`.
+        dataset_dir: curated dataset; records: the images to judge (held-out ones: validation, test).
+        probe_path: the class probe 01 trained on real images.
+
+    Returns:
+        a DataFrame indexed by class, with a last row 'macro mean' (means over classes).
+    """
+    import pandas as pd
+    from diffusers import AutoencoderKL
+
+    from medsyn.data.dataset import class_key
+    from medsyn.models.class_probe import TrainedProbe, to_probe_input
+
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    originals = load_images(dataset_dir, records)
+    reconstructed = []
+    for start in range(0, len(originals), 64):
+        x = to_model_range(originals[start : start + 64].transpose(0, 3, 1, 2))
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        reconstructed.append(np.rint((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5).astype(np.uint8))
+    reconstructed = np.concatenate(reconstructed)
+    difference = reconstructed.astype(np.float64) - originals
+    psnr = 10 * np.log10(255.0**2 / np.maximum((difference**2).mean(axis=(1, 2, 3)), 1e-10))
+    colour = np.abs(difference.mean(axis=(1, 2))).mean(axis=1)
+    classes = np.array([class_key(r) for r in records])
+    probe = TrainedProbe.load(probe_path)
+    on_reconstructions = probe.accuracy_of(to_probe_input(reconstructed), classes.tolist())["per_class"]
+    on_originals = probe.accuracy_of(to_probe_input(originals), classes.tolist())["per_class"]
+    table = pd.DataFrame(
+        {
+            "images": [int((classes == c).sum()) for c in on_originals],
+            "psnr_db": [float(psnr[classes == c].mean()) for c in on_originals],
+            "colour_error": [float(colour[classes == c].mean()) for c in on_originals],
+            "classifier_on_originals": list(on_originals.values()),
+            "classifier_on_reconstructions": list(on_reconstructions.values()),
+        },
+        index=pd.Index(list(on_originals), name="class"),
+    )
+    table.loc["macro mean"] = table.mean()
+    table.loc["macro mean", "images"] = int(table["images"].iloc[:-1].sum())
+    return table
