@@ -291,3 +291,16 @@ def test_autoencoder_ceiling_judges_reconstructions_per_class(tiny_dataset, tiny
         assert table.loc[name, "colour_error"] == pytest.approx(float(colour), abs=1e-3)
     assert table.loc["macro mean", "images"] == 12
     assert table.loc["macro mean", "psnr_db"] == pytest.approx(table["psnr_db"].iloc[:-1].mean())
+
+
+def test_class_balanced_vae_batches_resume_exactly_and_refuse_unknown_modes(tiny_dataset, tmp_path):
+    kw = {"batch_size": 8, "lr": 2e-3, "config": TINY_VAE, "checkpoint_every": 2, "progress": False}
+    kw |= {"balance": "class", "adversarial_start": 3}
+    straight = train_vae(tiny_dataset, tmp_path / "straight", steps=4, **kw)
+    train_vae(tiny_dataset, tmp_path / "resumed", steps=2, **kw)
+    resumed = train_vae(tiny_dataset, tmp_path / "resumed", steps=4, **kw)
+    assert resumed["l1_history"] == straight["l1_history"][2:]
+    plain = train_vae(tiny_dataset, tmp_path / "plain", steps=4, **{**kw, "balance": "none"})
+    assert plain["l1_history"] != straight["l1_history"]  # other batches
+    with pytest.raises(ValueError, match="balance"):
+        train_vae(tiny_dataset, tmp_path / "bad", steps=1, **{**kw, "balance": "classes"})
