@@ -310,7 +310,11 @@ def sample_class_prompts(
         batch_size=batch_size,
         batch_seconds=batch_seconds,
     )
-    settings = {**sampler_settings(pipeline, scheduler, steps, guidance_scale), "precision": precision}
+    # a vq-ar pipeline is only moved (`optimise_for_sampling`): it samples in float32 whatever was asked
+    settings = {
+        **sampler_settings(pipeline, scheduler, steps, guidance_scale),
+        "precision": "float32" if hasattr(pipeline, "grid") else precision,
+    }
     return write_generated_dataset(samples, out_dir, model, classes, settings)
 
 
@@ -327,8 +331,9 @@ def sample_families(
     precision: str = "float32",
 ) -> pd.DataFrame:
     """Sample every family's pipeline into `<generated_dir>/<family>` (`sample_class_prompts`, on a GPU
-    when there is one, in `precision`), with one sampler for all. A family whose generated dataset already exists is kept when it was sampled
-    with the same settings and count; otherwise this stops and names the directory to remove.
+    when there is one, in `precision`), with one sampler for all. A family whose generated dataset
+    already exists is kept when it was sampled with the same settings and count; otherwise this stops
+    and names the directory to remove.
 
     Returns:
         one row per family: images, status ('sampled' or 'kept'), seconds per image in the pipeline
@@ -348,8 +353,8 @@ def sample_families(
         if is_dataset(out):
             kept = read_records(out)
             expected = dict(settings)
-            if kept[0].get("scheduler") == "autoregressive":  # vq-ar: no scheduler, its own number of steps
-                expected.update(scheduler="autoregressive", steps=kept[0].get("steps"))
+            if kept[0].get("scheduler") == "autoregressive":  # vq-ar: no scheduler, its own steps, float32
+                expected.update(scheduler="autoregressive", steps=kept[0].get("steps"), precision="float32")
             # datasets written before precision was recorded were sampled in float32
             recorded = {"precision": "float32", **kept[0]}
             differing = {k: recorded.get(k) for k, v in expected.items() if recorded.get(k) != v}
