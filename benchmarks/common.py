@@ -30,9 +30,12 @@ COLUMNS = [
 ]
 
 
-def arguments(description: str) -> argparse.Namespace:
-    """`--scale cpu|gpu` (default: gpu when CUDA is there) and `--out` (a results CSV)."""
+def arguments(description: str, add=None) -> argparse.Namespace:
+    """`--scale cpu|gpu` (default: gpu when CUDA is there), `--out` (a results CSV), `--work` and
+    `--budget`; `add(parser)` adds a script's own options first."""
     parser = argparse.ArgumentParser(description=description)
+    if add:
+        add(parser)
     parser.add_argument("--scale", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="results CSV (default: print only)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/medsyn-benchmarks"), help="scratch directory")

@@ -6,17 +6,15 @@ README's marked performance tables. One benchmark that fails is reported as a ro
     python -m benchmarks.run --scale cpu --out benchmarks/results/cpu.csv --readme   # 2 cores, minutes
 """
 
-import argparse
 import os
 import signal
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
 from benchmarks import inception, nearest_neighbours, sampling, train_step
-from benchmarks.common import README, RESULTS_DIR, device_for, finish, row
+from benchmarks.common import README, RESULTS_DIR, arguments, device_for, finish, row
 
 # the quick ones first: a run cut short still reports them
 BENCHMARKS = {
@@ -28,17 +26,11 @@ BENCHMARKS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None, help="results CSV (default: benchmarks/results/<scale>.csv)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/medsyn-benchmarks"), help="scratch directory")
-    parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=None, help="run these only")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README's tables from the results")
-    parser.add_argument("--budget", type=float, default=None, help="seconds; compilation is skipped when short")
-    args = parser.parse_args()
-    args.deadline = time.monotonic() + args.budget if args.budget else None
-    if args.scale == "gpu" and not torch.cuda.is_available():
-        parser.error("--scale gpu needs a CUDA device; use --scale cpu here")
+    def own_options(parser):
+        parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=None, help="run these only")
+        parser.add_argument("--readme", action="store_true", help="rewrite the README's tables from the results")
+
+    args = arguments(__doc__.splitlines()[0], own_options)
     args.out = args.out or RESULTS_DIR / f"{args.scale}.csv"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built here
     from diffusers.utils import logging as diffusers_logging
