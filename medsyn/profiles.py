@@ -99,7 +99,7 @@ LOCAL_INPUTS = {
 # What each stage notebook writes, by parameter: inputs inside these paths come from the chain itself.
 STAGE_OUTPUTS = {
     "01_curate": ("curated_dir", "probe_path", "domain_clip_dir", "held_out_dir"),
-    "02_train_ldm": ("models_dir", "finetune_dir", "large_lora_dir"),
+    "02_train_ldm": ("models_dir", "finetune_dir", "pretrain_dir", "large_lora_dir"),
     "03_train_dit_hldf": ("models_dir", "template_captions_dir"),
     "04_train_vq_ar": ("models_dir",),
     "05_sample": ("generated_dir",),

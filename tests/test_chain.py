@@ -43,7 +43,11 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     # 02_train_ldm: a pipeline diffusers loads, and the alignment table of its samples
     assert (run_dir / "models" / "ldm_compact" / "unet_training" / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "figures" / "alignment_ldm_compact.csv.provenance.json").is_file()
-    # the fine-tune (of the compact pipeline), the DiT with HLDF, the domain CLIP and its exported text tower
+    # the fine-tune starts from a U-Net pretrained on the generic corpus, not from the compact pipeline
+    pretraining = read_records(run_dir / "models" / "ldm_pretrain" / "corpus")
+    assert pretraining and {r["source"] for r in pretraining} == {"generic"}
+    assert (run_dir / "figures" / "ldm_finetune_pretraining.png.provenance.json").is_file()
+    # the DiT with HLDF, the domain CLIP and its exported text tower
     for family, pipeline in (("ldm_finetune", "ldm_finetune/pipeline"), ("dit_hldf", "dit_hldf/pipeline")):
         assert (run_dir / "models" / pipeline / "model_index.json").is_file(), family
         assert (run_dir / "figures" / f"alignment_{family}.csv.provenance.json").is_file(), family
@@ -53,6 +57,12 @@ def test_smoke_profile_runs_the_chain_end_to_end(tmp_path, monkeypatch):
     classes = class_prompts(split_records(curated, "train"))
     for family in ("ldm-compact", "ldm-finetune", "dit-hldf", "vq-ar"):
         assert len(read_records(run_dir / "data" / "generated" / family)) == 3 * len(classes)
+    # fine-tuned and from-scratch are different models: the same seeds give other images
+    compact, finetuned = (
+        {r["seed"]: r["sha256"] for r in read_records(run_dir / "data" / "generated" / f)}
+        for f in ("ldm-compact", "ldm-finetune")
+    )
+    assert compact.keys() == finetuned.keys() and all(compact[s] != finetuned[s] for s in compact)
     # 04: the vq-ar tokenizer's report, and its images recorded as autoregressive samples
     tokenizer = pd.read_csv(run_dir / "figures" / "vq_ar_tokenizer.csv")
     assert 0 < tokenizer.loc[0, "codes_in_use"] <= 1 and tokenizer.loc[0, "psnr_db"] > 0

@@ -1,5 +1,6 @@
 """Figures of the training notebooks: loss curves and reconstructions."""
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -44,6 +45,32 @@ def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: 
             axes[row, i].axis("off")
     axes[0, 0].set_title("real", fontsize=8, loc="left")
     axes[1, 0].set_title("reconstructed", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pretraining(corpus_dir: str | Path, pipeline_dir: str | Path, n: int = 8, seed: int = 0, steps: int = 20):
+    """What ldm-finetune's pretraining taught: generic corpus images (top) and the pretrained model's
+    images for the same captions (bottom), `n` evenly spread over the corpus."""
+    from medsyn.data.dataset import read_records
+    from medsyn.sampling import generate, load_pipeline
+
+    records = read_records(corpus_dir, "train")
+    picked = records[:: max(1, len(records) // n)][:n]
+    pipeline = load_pipeline(pipeline_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = [r["text"] for r in picked]
+    drawn = generate(pipeline, prompts, 1, seed, steps=steps, guidance_scale=4.0)
+    fig, axes = plt.subplots(2, len(picked), figsize=(1.5 * len(picked), 3.9), squeeze=False)
+    for column, (image, sample) in enumerate(zip(load_images(corpus_dir, picked), drawn)):
+        for row, pixels in enumerate((image, sample["image"])):
+            axes[row, column].imshow(pixels)
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+        axes[0, column].set_title(textwrap.fill(prompts[column].removeprefix("a "), 22), fontsize=6)
+    axes[0, 0].set_ylabel("corpus", fontsize=8)
+    axes[1, 0].set_ylabel("pretrained", fontsize=8)
+    fig.suptitle("ldm-finetune's starting point: a U-Net pretrained on the generic corpus", fontsize=9)
     fig.tight_layout()
     return fig
 
