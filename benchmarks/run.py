@@ -13,12 +13,13 @@ import traceback
 
 import torch
 
-from benchmarks import inception, nearest_neighbours, sampling, train_step
+from benchmarks import fidelity_bootstrap, inception, nearest_neighbours, sampling, train_step
 from benchmarks.common import README, RESULTS_DIR, arguments, device_for, finish, row
 
 # the quick ones first: a run cut short still reports them
 BENCHMARKS = {
     "nearest neighbours": nearest_neighbours,
+    "fidelity bootstrap": fidelity_bootstrap,
     "FID features": inception,
     "training step": train_step,
     "sampling": sampling,

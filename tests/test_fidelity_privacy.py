@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medsyn.metrics import frechet_distance
-from medsyn.metrics.fidelity import feature_statistics, kernel_distance
+from medsyn.metrics.fidelity import KernelDistanceOfDraws, feature_statistics, kernel_distance
 from medsyn.metrics.privacy import nearest_neighbours, tiled_l2
 
 
@@ -49,6 +49,20 @@ def test_kid_is_the_unbiased_mmd_of_a_naive_double_loop():
     near = kernel_distance(same[:300], same[300:], subsets=50, subset_size=200)[0]
     far = kernel_distance(same[:300], same[300:] + 1.0, subsets=50, subset_size=200)[0]
     assert abs(near) < 0.05 * far
+
+
+def test_kid_of_bootstrap_draws_from_precomputed_kernels_equals_torch_fidelitys_on_the_drawn_rows():
+    rng = np.random.default_rng(2)
+    real, generated = rng.normal(size=(90, 16)), rng.normal(0.2, 1.1, size=(70, 16))
+    kid = KernelDistanceOfDraws(real, generated)
+    for size in (1000, 40):  # whole draws, and subsets smaller than the draws
+        for seed in range(5):
+            r, g = rng.integers(0, 90, 90), rng.integers(0, 70, 70)  # rows drawn with replacement
+            expected = kernel_distance(real[r], generated[g], subsets=10, subset_size=size, seed=seed)
+            assert kid(r, g, subsets=10, subset_size=size, seed=seed) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    # the draws matter: another draw of the generated rows gives another value
+    r, g = np.arange(90), np.arange(70)
+    assert kid(r, g, subsets=10)[0] != pytest.approx(kid(r, rng.integers(0, 70, 70), subsets=10)[0], rel=1e-3)
 
 
 def _tiled_l2_plain(a, b, grid):

@@ -12,6 +12,7 @@ with the same real images, on equal sample counts, as uint8 images read from the
 | `alignment_macro` | macro accuracy of the real-image classifier on the generated images (the prompt's class is the truth) |
 """
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,11 @@ from medsyn.data.dataset import class_key, class_prompts, image_path, load_rgb, 
 from medsyn.intervals import bootstrap_interval, resolved
 from medsyn.metrics.colour import ColourTextureJudge, median_ratio, share_within
 from medsyn.metrics.fidelity import (
+    KernelDistanceOfDraws,
     feature_statistics,
     frechet_distance,
     inception_features,
     inception_weights,
-    kernel_distance,
     ms_ssim_pairs,
     precision_recall,
 )
@@ -109,20 +110,31 @@ OVER_ALL_IMAGES = ("alignment_macro", "colour_texture_ratio", "colour_texture_wi
 def _set_measures(features, real_features, inception, real_inception, niqes, scores, correct, classes, pairs, ratios):
     """The table's statistics of one image set as functions of index arrays: (generated rows, real
     rows) for the two-set metrics, rows for the per-image ones, pairs for MS-SSIM."""
+    kid = KernelDistanceOfDraws(real_features, features)
     two = {
         "FD_domain_clip": lambda g, r: frechet_distance(
             *feature_statistics(features[g]), *feature_statistics(real_features[r])
         ),
-        "KID_domain_clip": lambda g, r: kernel_distance(real_features[r], features[g], subsets=10)[0],
+        "KID_domain_clip": lambda g, r: kid(r, g, subsets=10)[0],
     }
     if len(features) > 3:
-        two["precision"] = lambda g, r: precision_recall(real_features[r], features[g])["precision"]
-        two["recall"] = lambda g, r: precision_recall(real_features[r], features[g])["recall"]
+        # precision and recall come from one computation; their bootstraps draw the same rows (one seed)
+        measured = {}
+
+        def precision_and_recall(g, r):
+            key = hashlib.blake2b(g.tobytes() + b"|" + r.tobytes(), digest_size=16).digest()
+            if key not in measured:
+                measured[key] = precision_recall(real_features[r], features[g])
+            return measured[key]
+
+        two["precision"] = lambda g, r: precision_and_recall(g, r)["precision"]
+        two["recall"] = lambda g, r: precision_and_recall(g, r)["recall"]
     if inception is not None:
+        inception_kid = KernelDistanceOfDraws(real_inception, inception)
         two["FID"] = lambda g, r: frechet_distance(
             *feature_statistics(inception[g]), *feature_statistics(real_inception[r])
         )
-        two["KID_inception"] = lambda g, r: kernel_distance(real_inception[r], inception[g], subsets=10)[0]
+        two["KID_inception"] = lambda g, r: inception_kid(r, g, subsets=10)[0]
     one = {
         "NIQE_generated": lambda i: float(niqes[i].mean()),
         "domain_clip_score": lambda i: float(scores[i].mean()),

@@ -66,6 +66,34 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return np.asarray(out)
 
 
+BALANCES = ("none", "class")
+
+
+def class_chances(records: list[dict], balance: str) -> np.ndarray | None:
+    """Each record's chance of being drawn into a batch: None for 'none' (every image once per epoch,
+    `batch_indices`), or for 'class' each class equally likely and its images equally likely within it
+    (classes by `medsyn.data.dataset.class_key`), so that a class of 16 images among 1,340 is not seen
+    80 times less often than the largest."""
+    from medsyn.data.dataset import class_key
+
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, not {balance!r}")
+    if balance == "none":
+        return None
+    _, of_class, counts = np.unique([class_key(r) for r in records], return_inverse=True, return_counts=True)
+    return 1.0 / counts[of_class] / len(counts)  # sums to 1
+
+
+def drawn_indices(n: int, batch_size: int, seed: int, step: int, chances: np.ndarray | None = None) -> np.ndarray:
+    """The rows of global batch `step`: `batch_indices` without `chances`, else drawn with replacement
+    with those chances (a function of (seed, step), as every other draw)."""
+    if chances is None:
+        return batch_indices(n, batch_size, seed, step)
+    if len(chances) != n:
+        raise ValueError(f"{len(chances)} chances for {n} rows")
+    return np.random.default_rng([seed, step, 1]).choice(n, size=batch_size, p=chances)
+
+
 def micro_batch_size(batch_size: int, gradient_accumulation_steps: int, processes: int) -> int:
     """Images per micro-batch (all processes together) of a global batch split over accumulation steps;
     it must also split evenly over the processes."""
@@ -109,9 +137,11 @@ def draw_batch(
     noise_offset: float = 0.0,
     rank: int = 0,
     world: int = 1,
+    chances: np.ndarray | None = None,
 ) -> Draws:
     """Everything random about global batch `draw`, drawn for the whole batch and then sliced to this
-    process: any number of processes trains on the images, noise and timesteps one process would."""
+    process: any number of processes trains on the images, noise and timesteps one process would.
+    `chances` (`class_chances`) draws the rows with replacement instead of epoch by epoch."""
     mine = slice(rank, None, world)
     generator = step_generator(seed, draw)
     shape = (batch_size, *latent_shape)
@@ -120,7 +150,11 @@ def draw_batch(
     noise = sample_noise(shape, generator, noise_offset)[mine]
     timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)[mine]
     return Draws(
-        index=batch_indices(n, batch_size, seed, draw)[mine], eps=eps, noise=noise, timesteps=timesteps, dropped=dropped
+        index=drawn_indices(n, batch_size, seed, draw, chances)[mine],
+        eps=eps,
+        noise=noise,
+        timesteps=timesteps,
+        dropped=dropped,
     )
 
 

@@ -47,6 +47,7 @@ from medsyn.training.common import (
     cache_images,
     cache_latent_moments,
     cache_prompt_embeddings,
+    class_chances,
     diffusion_target,
     draw_batch,
     ema_weights,
@@ -203,6 +204,7 @@ def train_dit(
     snr_gamma: float | None = 5.0,
     noise_offset: float = 0.0,
     caption_dropout: float = 0.1,
+    balance: str = "none",
     hldf_weight: float = 1.0,
     hldf_start: int = 0,
     hldf_ramp: int = 1,
@@ -244,6 +246,8 @@ def train_dit(
         prediction_type: of a new transformer; a pretrained one keeps its scheduler's.
         snr_gamma: Min-SNR γ of the latent loss; None for plain MSE.
         noise_offset, caption_dropout, max_grad_norm: as in the other families.
+        balance: 'none' (every image once per epoch) or 'class' (every class equally often,
+            `medsyn.training.common.class_chances`).
         hldf_weight, hldf_start, hldf_ramp: λ of the pixel term and its schedule (`hldf_schedule`); 0 turns it off.
         hldf_pixel_weight, hldf_colour_weight: weights of the per-pixel L1 and the colour-distribution term.
         hldf_batch: images per micro-batch (per process) that go through the decoder.
@@ -295,6 +299,7 @@ def train_dit(
 
     # latent posteriors and prompt embeddings with their attention masks, cached once
     prompts, prompt_of = prompt_rows(records, caption_field)
+    chances = class_chances(records, balance)
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
             cache_latent_moments(vae, dataset_dir, records, cache)
@@ -347,6 +352,7 @@ def train_dit(
                 noise_offset,
                 rank,
                 world,
+                chances,
             )
             device = accelerator.device
             latents = (torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) - shift) * scaling

@@ -15,18 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsyn.data.dataset import class_key, split_records
+from medsyn.data.dataset import split_records
 from medsyn.models.text_encoders import load_text_encoder, require_dir
 from medsyn.training.common import (
     adamw,
     adversarial_term,
-    batch_indices,
     cache_images,
     cache_latent_moments,
     cache_prompt_embeddings,
+    class_chances,
     diffusion_target,
     discriminator_step,
     draw_batch,
+    drawn_indices,
     ema_weights,
     make_accelerator,
     micro_batch_size,
@@ -173,10 +174,7 @@ def train_vae(
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     set_seed(seed)
     records = split_records(dataset_dir, "train")
-    if balance not in ("none", "class"):
-        raise ValueError(f"balance must be 'none' or 'class', not {balance!r}")
-    _, of_class, counts = np.unique([class_key(r) for r in records], return_inverse=True, return_counts=True)
-    chance = 1.0 / counts[of_class] / len(counts)  # sums to 1: each class equally likely
+    chances = class_chances(records, balance)
     if batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {batch_size} must split evenly over {accelerator.num_processes} processes")
     with accelerator.main_process_first():  # the main process writes the cache, the others then read it
@@ -203,10 +201,7 @@ def train_vae(
         # draws for the whole global batch, then this process's share: any number of processes sees
         # the images and noise that one process would
         mine = slice(rank, None, world)
-        if balance == "class":
-            index = np.random.default_rng([seed, step, 1]).choice(len(images), size=batch_size, p=chance)[mine]
-        else:
-            index = batch_indices(len(images), batch_size, seed, step)[mine]
+        index = drawn_indices(len(images), batch_size, seed, step, chances)[mine]
         x = to_model_range(images[index]).to(accelerator.device)
         eps = torch.randn((batch_size, *latent_shape), generator=step_generator(seed, step))[mine].to(x.device)
         with accelerator.autocast():
@@ -292,6 +287,7 @@ def train_unet(
     snr_gamma: float | None = 5.0,
     noise_offset: float = 0.0,
     caption_dropout: float = 0.1,
+    balance: str = "none",
     max_grad_norm: float = 1.0,
     mixed_precision: str = "no",
     gradient_checkpointing: bool = False,
@@ -323,6 +319,8 @@ def train_unet(
         snr_gamma: Min-SNR γ; None for plain MSE.
         noise_offset: noise-offset strength (0: off).
         caption_dropout: probability of training on the empty prompt.
+        balance: 'none' (every image once per epoch) or 'class' (every class equally often,
+            `medsyn.training.common.class_chances`).
         max_grad_norm: gradient clipping.
         mixed_precision: accelerate's 'no', 'fp16' or 'bf16'.
         gradient_checkpointing: trade compute for memory in the U-Net.
@@ -353,6 +351,7 @@ def train_unet(
     encoder = load_text_encoder(text_encoder, text_encoder_path)
     records = split_records(dataset_dir, "train")
     prompts, prompt_of = prompt_rows(records)
+    chances = class_chances(records, balance)
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
         if accelerator.is_main_process:
@@ -402,6 +401,7 @@ def train_unet(
                 noise_offset,
                 rank,
                 world,
+                chances,
             )
             noise, timesteps = d.noise, d.timesteps
             latents = torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) * scaling
