@@ -72,3 +72,13 @@ def test_a_folder_it_did_not_write_is_refused_and_a_finished_corpus_is_kept(tmp_
     assert (done / "medsyn_dataset.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="another dataset"):
         write_generic_corpus(done, 20, 32, progress=False)
+    # a write cut short (settings written, some images, no marker) is finished by the next call
+    cut = tmp_path / "cut"
+    write_generic_corpus(cut, 10, 32, progress=False)
+    (cut / "medsyn_dataset.json").unlink()
+    (cut / "train" / "metadata.jsonl").unlink()
+    finished = read_records(write_generic_corpus(cut, 10, 32, progress=False))
+    assert [r["sha256"] for r in finished] == [r["sha256"] for r in read_records(done)]
+    with pytest.raises(FileExistsError, match="not empty"):  # but not with other settings
+        (cut / "medsyn_dataset.json").unlink()
+        write_generic_corpus(cut, 12, 32, progress=False)

@@ -110,8 +110,10 @@ def generic_image(seed: int, index: int, size: int) -> tuple[np.ndarray, dict]:
 
 
 def write_generic_corpus(out_dir: str | Path, images: int, size: int, seed: int = 0, progress: bool = True) -> Path:
-    """Write `images` corpus images as a medsyn dataset (all `train`); an existing complete corpus with
-    the same settings is kept, anything else in `out_dir` is refused rather than overwritten.
+    """Write `images` corpus images as a medsyn dataset (all `train`). An existing complete corpus with
+    the same settings is kept; one this function left unfinished with the same settings (its settings
+    file is written first) is written again, image by image the same; anything else in `out_dir` is
+    refused rather than overwritten.
 
     Returns:
         the dataset directory.
@@ -119,13 +121,16 @@ def write_generic_corpus(out_dir: str | Path, images: int, size: int, seed: int 
     out_dir = Path(out_dir)
     settings = {"images": images, "size": size, "seed": seed}
     stamp = out_dir / "generic_corpus.json"
+    ours = stamp.is_file() and json.loads(stamp.read_text()) == settings
     if is_dataset(out_dir):
-        if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        if ours:
             read_records(out_dir)  # complete and consistent, or an error naming the file
             return out_dir
         raise FileExistsError(f"{out_dir} holds another dataset: write the generic corpus to a new directory")
-    if out_dir.exists() and any(p != stamp for p in out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty and holds no finished corpus: remove it or choose another")
+    if not ours and out_dir.exists() and any(p != stamp for p in out_dir.iterdir()):
+        raise FileExistsError(
+            f"{out_dir} is not empty and holds no corpus of these settings: remove it or choose another"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(settings))  # before the marker, so a complete corpus always has it
     records = []

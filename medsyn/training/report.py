@@ -49,7 +49,14 @@ def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: 
     return fig
 
 
-def plot_pretraining(corpus_dir: str | Path, pipeline_dir: str | Path, n: int = 8, seed: int = 0, steps: int = 20):
+def plot_pretraining(
+    corpus_dir: str | Path,
+    pipeline_dir: str | Path,
+    n: int = 8,
+    seed: int = 0,
+    steps: int = 20,
+    guidance_scale: float = 4.0,
+):
     """What ldm-finetune's pretraining taught: generic corpus images (top) and the pretrained model's
     images for the same captions (bottom), `n` evenly spread over the corpus."""
     from medsyn.data.dataset import read_records
@@ -60,7 +67,7 @@ def plot_pretraining(corpus_dir: str | Path, pipeline_dir: str | Path, n: int = 
     pipeline = load_pipeline(pipeline_dir)
     pipeline.set_progress_bar_config(disable=True)
     prompts = [r["text"] for r in picked]
-    drawn = generate(pipeline, prompts, 1, seed, steps=steps, guidance_scale=4.0)
+    drawn = generate(pipeline, prompts, 1, seed, steps=steps, guidance_scale=guidance_scale)
     fig, axes = plt.subplots(2, len(picked), figsize=(1.5 * len(picked), 3.9), squeeze=False)
     for column, (image, sample) in enumerate(zip(load_images(corpus_dir, picked), drawn)):
         for row, pixels in enumerate((image, sample["image"])):
