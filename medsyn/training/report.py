@@ -30,23 +30,25 @@ def plot_loss(history: list[float] | dict[str, list[float]], title: str, smooth:
 
 
 @torch.no_grad()
+def round_trip(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """uint8 N x H x W x 3 images through an AutoencoderKL (encode to the posterior mean, decode),
+    back as uint8."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_range(images[start : start + batch_size].transpose(0, 3, 1, 2))
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        out.append(np.rint((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5).astype(np.uint8))
+    return np.concatenate(out)
+
+
 def plot_reconstructions(vae_dir: str | Path, dataset_dir: str | Path, records: list[dict], n: int = 8):
     """Real images (top) and their VAE reconstructions from the posterior mean (bottom)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
     picked = records[:: max(1, len(records) // n)][:n]
-    x = to_model_range(load_images(dataset_dir, picked).transpose(0, 3, 1, 2))
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    fig, axes = plt.subplots(2, len(picked), figsize=(1.2 * len(picked), 2.6))
-    for i in range(len(picked)):
-        for row, batch in enumerate((x, y)):
-            axes[row, i].imshow(((batch[i].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
-            axes[row, i].axis("off")
-    axes[0, 0].set_title("real", fontsize=8, loc="left")
-    axes[1, 0].set_title("reconstructed", fontsize=8, loc="left")
-    fig.tight_layout()
-    return fig
+    originals = load_images(dataset_dir, picked)
+    return plot_image_pairs(originals, round_trip(vae, originals), "the autoencoder's round trip", n=len(picked))
 
 
 def plot_pretraining(
@@ -126,12 +128,7 @@ def autoencoder_ceiling(vae_dir: str | Path, dataset_dir: str | Path, records: l
 
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
     originals = load_images(dataset_dir, records)
-    reconstructed = []
-    for start in range(0, len(originals), 64):
-        x = to_model_range(originals[start : start + 64].transpose(0, 3, 1, 2))
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        reconstructed.append(np.rint((y.permute(0, 2, 3, 1).numpy() + 1) * 127.5).astype(np.uint8))
-    reconstructed = np.concatenate(reconstructed)
+    reconstructed = round_trip(vae, originals)
     difference = reconstructed.astype(np.float64) - originals
     psnr = 10 * np.log10(255.0**2 / np.maximum((difference**2).mean(axis=(1, 2, 3)), 1e-10))
     colour = np.abs(difference.mean(axis=(1, 2))).mean(axis=1)
