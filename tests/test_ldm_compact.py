@@ -295,12 +295,16 @@ def test_autoencoder_ceiling_judges_reconstructions_per_class(tiny_dataset, tiny
 
 def test_class_balanced_vae_batches_resume_exactly_and_refuse_unknown_modes(tiny_dataset, tmp_path):
     kw = {"batch_size": 8, "lr": 2e-3, "config": TINY_VAE, "checkpoint_every": 2, "progress": False}
-    kw |= {"balance": "class", "adversarial_start": 3}
+    kw |= {"balance": "class", "adversarial_start": 3, "ssim_weight": 0.2}
     straight = train_vae(tiny_dataset, tmp_path / "straight", steps=4, **kw)
     train_vae(tiny_dataset, tmp_path / "resumed", steps=2, **kw)
     resumed = train_vae(tiny_dataset, tmp_path / "resumed", steps=4, **kw)
     assert resumed["l1_history"] == straight["l1_history"][2:]
     plain = train_vae(tiny_dataset, tmp_path / "plain", steps=4, **{**kw, "balance": "none"})
     assert plain["l1_history"] != straight["l1_history"]  # other batches
+    # the structural term reaches the weights: the same batches, another second step
+    l1_only = train_vae(tiny_dataset, tmp_path / "l1", steps=2, **{**kw, "ssim_weight": 0.0})
+    assert l1_only["l1_history"][0] == straight["l1_history"][0]
+    assert l1_only["l1_history"][1] != straight["l1_history"][1]
     with pytest.raises(ValueError, match="balance"):
         train_vae(tiny_dataset, tmp_path / "bad", steps=1, **{**kw, "balance": "classes"})

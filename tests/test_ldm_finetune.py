@@ -51,6 +51,17 @@ def test_full_finetune_learns_and_resumes_exactly(tiny, tmp_path):
         assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_class_balanced_finetune_resumes_exactly_and_draws_other_batches(tiny, tmp_path):
+    straight = _finetune(tiny, tmp_path / "straight", steps=6, balance="class")
+    _finetune(tiny, tmp_path / "resumed", steps=4, balance="class")
+    resumed = _finetune(tiny, tmp_path / "resumed", steps=6, balance="class")
+    assert resumed["loss_history"] == straight["loss_history"][4:]
+    plain = _finetune(tiny, tmp_path / "plain", steps=1, balance="none")
+    assert plain["loss_history"][0] != straight["loss_history"][0]
+    with pytest.raises(ValueError, match="balance"):
+        _finetune(tiny, tmp_path / "bad", steps=1, balance="classes")
+
+
 def test_lora_trains_only_adapters_and_saves_what_diffusers_loads(tiny, tmp_path):
     from diffusers import StableDiffusionPipeline
 

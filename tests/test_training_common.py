@@ -13,6 +13,7 @@ from medsyn.training.common import (
     min_snr_weights,
     sample_noise,
     step_generator,
+    structural_dissimilarity,
 )
 
 
@@ -109,3 +110,32 @@ def test_class_balanced_draws_see_every_class_equally_often_and_repeat_from_the_
     assert sorted(whole.index.tolist()) == sorted(halves[0].index.tolist() + halves[1].index.tolist())
     with pytest.raises(ValueError, match="balance"):
         class_chances(records, "classes")
+
+
+def _ssim_by_hand(a: np.ndarray, b: np.ndarray) -> float:
+    """Wang et al. (2004) SSIM with a 7-tap Gaussian window (σ 1.5), valid positions only, C1 = (0.01)²,
+    C2 = (0.03)² for data in [0, 1], averaged over positions and channels: numpy, from the formula."""
+    g = np.exp(-((np.arange(7) - 3) ** 2) / (2 * 1.5**2))
+    g /= g.sum()
+
+    def blur(x):  # separable valid correlation over the last two axes
+        x = np.stack([np.convolve(row, g, mode="valid") for row in x.reshape(-1, x.shape[-1])])
+        x = x.reshape(*a.shape[:-1], -1).swapaxes(-1, -2)
+        x = np.stack([np.convolve(row, g, mode="valid") for row in x.reshape(-1, x.shape[-1])])
+        return x.reshape(*a.shape[:-2], a.shape[-1] - 6, -1).swapaxes(-1, -2)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(ssim.mean())
+
+
+def test_structural_dissimilarity_is_one_minus_ssim_of_images_in_minus_one_to_one():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 3, 16, 16))
+    y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1)
+    term = structural_dissimilarity(torch.tensor(y, dtype=torch.float32), torch.tensor(x, dtype=torch.float32))
+    assert float(term) == pytest.approx(1 - _ssim_by_hand((y + 1) / 2, (x + 1) / 2), abs=1e-5)
+    assert float(structural_dissimilarity(torch.tensor(x), torch.tensor(x))) == pytest.approx(0.0, abs=1e-6)

@@ -490,6 +490,14 @@ def optimizer_step(accelerator, parameters: list, optimizer, lr_scheduler, ema, 
         ema.step(parameters)
 
 
+def structural_dissimilarity(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1 − SSIM (pytorch-msssim, 7-pixel window) of images in [-1, 1]: the structural term the
+    autoencoders use beside L1, in place of a downloaded LPIPS network."""
+    from pytorch_msssim import ssim
+
+    return 1 - ssim((reconstruction.float() + 1) / 2, (x.float() + 1) / 2, data_range=1.0, win_size=7)
+
+
 def adversarial_term(
     reconstruction_loss: torch.Tensor, fake_logits: torch.Tensor, last_layer: torch.Tensor, weight: float
 ):

@@ -39,6 +39,7 @@ from medsyn.training.common import (
     save_checkpoint,
     save_validation_grid,
     step_generator,
+    structural_dissimilarity,
     to_model_range,
     training_recipe,
 )
@@ -129,6 +130,7 @@ def train_vae(
     kl_weight: float = 1e-6,
     adversarial_weight: float = 0.1,
     adversarial_start: int | None = None,
+    ssim_weight: float = 0.0,
     balance: str = "none",
     config: dict | None = None,
     seed: int = 0,
@@ -137,7 +139,8 @@ def train_vae(
     mixed_precision: str = "no",
     progress: bool = True,
 ) -> dict:
-    """Train an AutoencoderKL on the training split: L1 reconstruction + KL + a PatchGAN hinge term.
+    """Train an AutoencoderKL on the training split: L1 (+ 1 − SSIM) reconstruction + KL + a PatchGAN
+    hinge term.
 
     The adversarial term (LDM, Rombach et al. 2022, Appendix G) needs no downloaded weights, unlike
     LPIPS. After training, the latent scale is set so that scaled latents have unit variance (SD's
@@ -153,6 +156,9 @@ def train_vae(
         adversarial_weight: weight of the generator's hinge term, times the adaptive balance of its
             gradient against the reconstruction gradient; 0 turns the discriminator off.
         adversarial_start: step at which the adversarial term starts (default: three quarters of `steps`).
+        ssim_weight: weight of 1 − SSIM beside L1 (`structural_dissimilarity`; 0: L1 alone). Measured on
+            `default` (700 steps, two seeds): PSNR +0.6 / +1.3 dB and the real-image classifier on
+            reconstructions 0.86 -> 0.90 and 0.89 -> 0.94 macro at 0.2; lymph-node texture survives.
         balance: 'none' (every image once per epoch) or 'class' (each batch drawn with replacement, an
             image's chance inversely proportional to its class's count): a class of 16 images among
             1,340 is otherwise seen too rarely to learn its colours (measured on `default`: the real-image
@@ -208,6 +214,8 @@ def train_vae(
             reconstruction, kl = autoencode(x, eps)
             l1 = (reconstruction - x).abs().mean()
             loss = l1 + kl_weight * kl
+            if ssim_weight:
+                loss = loss + ssim_weight * structural_dissimilarity(reconstruction, x)
             adversarial = adversarial_weight > 0 and step >= adversarial_start
             if adversarial:
                 last = accelerator.unwrap_model(autoencode).vae.decoder.conv_out.weight

@@ -23,6 +23,7 @@ from medsyn.training.common import (
     add_lora,
     cache_latent_moments,
     cache_prompt_embeddings,
+    class_chances,
     diffusion_target,
     draw_batch,
     ema_weights,
@@ -90,6 +91,7 @@ def finetune_unet(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     caption_dropout: float = 0.1,
+    balance: str = "none",
     max_grad_norm: float = 1.0,
     mixed_precision: str = "no",
     gradient_checkpointing: bool = False,
@@ -126,6 +128,8 @@ def finetune_unet(
         snr_gamma: Min-SNR γ; None for plain MSE (MediSyn).
         noise_offset: noise-offset strength (0: off).
         caption_dropout: probability of training on the unconditional prompt.
+        balance: 'none' (every image once per epoch) or 'class' (every class equally often,
+            `medsyn.training.common.class_chances`), as `train_unet`.
         max_grad_norm: gradient clipping.
         mixed_precision: accelerate's 'no', 'fp16' or 'bf16'; the frozen VAE always encodes in float32.
         gradient_checkpointing: trade compute for memory in the U-Net.
@@ -165,6 +169,7 @@ def finetune_unet(
         if getattr(pipeline, name, None) is not None:
             getattr(pipeline, name).eval().requires_grad_(False)
     records = split_records(dataset_dir, "train")
+    chances = class_chances(records, balance)
     prompts, prompt_of = prompt_rows(records)
     cache = out_dir / "cache"
     with accelerator.main_process_first():  # only the main process writes; the others wait, then read
@@ -229,6 +234,7 @@ def finetune_unet(
                 noise_offset,
                 rank,
                 world,
+                chances,
             )
             latents = (torch.from_numpy(latent_mean[d.index] + latent_std[d.index] * d.eps) - shift) * scaling
             rows = np.where(d.dropped, 0, prompt_of[d.index])

@@ -33,6 +33,7 @@ from medsyn.training.common import (
     resume_step,
     save_checkpoint,
     step_generator,
+    structural_dissimilarity,
     to_model_range,
     training_recipe,
 )
@@ -174,7 +175,6 @@ def train_vq(
     """
     recipe = training_recipe(locals())
     from accelerate.utils import set_seed
-    from pytorch_msssim import ssim
 
     out_dir = Path(out_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision)
@@ -212,7 +212,7 @@ def train_vq(
         with accelerator.autocast():
             reconstruction, latents, quantized, assigned = tokenise(x)
             l1 = (reconstruction - x).abs().mean()
-            structure = 1 - ssim((reconstruction.float() + 1) / 2, (x + 1) / 2, data_range=1.0, win_size=7)
+            structure = structural_dissimilarity(reconstruction, x)
             commitment = beta * ((latents.float() - quantized.float()) ** 2).mean()
             loss = l1 + ssim_weight * structure + commitment
             adversarial = adversarial_weight > 0 and step >= adversarial_start
