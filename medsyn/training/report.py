@@ -88,7 +88,7 @@ def plot_image_pairs(originals: np.ndarray, reconstructions: np.ndarray, title: 
     """Real images (top) and what a tokenizer or autoencoder gives back (bottom), `n` evenly spread;
     uint8 N x H x W x 3 each."""
     picked = np.arange(0, len(originals), max(1, len(originals) // n))[:n]
-    fig, axes = plt.subplots(2, len(picked), figsize=(1.2 * len(picked), 2.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(picked), figsize=(1.2 * len(picked), 3.0), squeeze=False, layout="constrained")
     for column, i in enumerate(picked):
         for row, images in enumerate((originals, reconstructions)):
             axes[row, column].imshow(images[i])
@@ -96,7 +96,6 @@ def plot_image_pairs(originals: np.ndarray, reconstructions: np.ndarray, title: 
     axes[0, 0].set_title("real", fontsize=7, loc="left")
     axes[1, 0].set_title("reconstructed", fontsize=7, loc="left")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
