@@ -34,6 +34,12 @@ def _add_curate(sub):
         help="caption with a local vision-language model as well (Med-Art): its description joins the template",
     )
     p.add_argument("--vlm-cache", metavar="PATH", help="its descriptions' cache (default <out>.vlm_captions.jsonl)")
+    p.add_argument(
+        "--report-llm",
+        metavar="DIR",
+        help="rewrite each image's anatomy-pathology report with a local instruction-tuned language model",
+    )
+    p.add_argument("--report-cache", metavar="PATH", help="its rewrites' cache (default <out>.llm_reports.jsonl)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -174,6 +180,11 @@ def _run(args) -> int:
             from medsyn.models.captioner import VLMCaptioner
 
             captioner = VLMCaptioner(args.vlm)
+        report_writer = None
+        if args.report_llm:
+            from medsyn.models.report_writer import ReportWriter
+
+            report_writer = ReportWriter(args.report_llm)
         result = curate(
             [resolve_manifest(m) for m in args.manifest],
             args.raw,
@@ -184,6 +195,8 @@ def _run(args) -> int:
             near_duplicate_correlation=None if args.keep_near_duplicates else args.near_duplicate_correlation,
             captioner=captioner,
             caption_cache=args.vlm_cache,
+            report_writer=report_writer,
+            report_cache=args.report_cache,
         )
         print(json.dumps(result.summary, indent=2))
     elif args.command == "corpus":

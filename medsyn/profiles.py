@@ -93,6 +93,7 @@ LOCAL_INPUTS = {
     "inception_weights": ("InceptionV3 weights for FID (torch-fidelity's; or set $MEDSYN_INCEPTION_WEIGHTS)", None),
     "pipelines": ("saved pipeline to sample", "model_index.json"),
     "vlm_dir": ("vision-language model for captions, transformers layout", "config.json"),
+    "report_llm_dir": ("instruction-tuned language model for reports, transformers layout", "config.json"),
     "pretrained_lm_dir": ("causal language model to fine-tune over image codes, transformers layout", "config.json"),
 }
 

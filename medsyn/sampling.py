@@ -81,6 +81,7 @@ def generate(
     guidance_scale: float = 4.0,
     batch_size: int = 32,
     batch_seconds: list | None = None,
+    call_options: dict | None = None,
 ) -> list[dict]:
     """`per_prompt` images for each prompt, in batches; returns dicts with prompt_id, prompt, seed and
     the uint8 image; `batch_seconds`, when given, receives each batch's seconds per image. The image with record seed s is `pipeline(prompt, generator=torch.Generator()
@@ -94,12 +95,13 @@ def generate(
         steps: sampler steps (the pipeline's own scheduler).
         guidance_scale: classifier-free guidance scale.
         batch_size: images per pipeline call.
+        call_options: further arguments of every pipeline call (vq-ar's `clues=False`).
     """
     if any(not p.strip() for p in prompts):
         raise ValueError("empty prompt: every prompt must say what to generate")
     pairs = [(i, p) for i, p in enumerate(prompts) for _ in range(per_prompt)]
     jobs = [(i, p, image_seed(seed, n)) for n, (i, p) in enumerate(pairs)]
-    size, options = image_size(pipeline), _call_options(pipeline)
+    size, options = image_size(pipeline), {**_call_options(pipeline), **(call_options or {})}
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
@@ -300,9 +302,10 @@ def sample_class_prompts(
     pipeline = load_pipeline(pipeline_dir)
     optimise_for_sampling(pipeline, "cuda" if torch.cuda.is_available() else "cpu", dtype=precision)
     set_scheduler(pipeline, scheduler)
+    field = getattr(pipeline, "prompt_field", "text")  # a vq-ar LM trained on reports gets its class's report
     samples = generate(
         pipeline,
-        [c["text"] for c in classes],
+        [c[field] for c in classes],
         per_prompt=per_prompt,
         seed=seed,
         steps=steps,
@@ -315,7 +318,8 @@ def sample_class_prompts(
         **sampler_settings(pipeline, scheduler, steps, guidance_scale),
         "precision": "float32" if hasattr(pipeline, "grid") else precision,
     }
-    return write_generated_dataset(samples, out_dir, model, classes, settings)
+    inherited = [{k: v for k, v in c.items() if k != "report"} for c in classes]  # `text` is the prompt used
+    return write_generated_dataset(samples, out_dir, model, inherited, settings)
 
 
 def sample_families(

@@ -290,6 +290,7 @@ def test_a_paper_run_with_nothing_on_disk_lists_everything_missing_within_second
     paper = load_profile("paper")
     expected = [f"raw_dir: raw source {name} " for name in paper["01_curate"]["manifests"]] + [
         "vlm_dir",
+        "report_llm_dir",
         "finetune_pretrained_dir",
         "flux_pretrained_dir",
         "kandinsky_prior_dir",

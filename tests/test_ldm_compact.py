@@ -306,5 +306,8 @@ def test_class_balanced_vae_batches_resume_exactly_and_refuse_unknown_modes(tiny
     l1_only = train_vae(tiny_dataset, tmp_path / "l1", steps=2, **{**kw, "ssim_weight": 0.0})
     assert l1_only["l1_history"][0] == straight["l1_history"][0]
     assert l1_only["l1_history"][1] != straight["l1_history"][1]
+    spectral = train_vae(tiny_dataset, tmp_path / "spectral", steps=2, **{**kw, "spectral_weight": 0.5})
+    assert spectral["l1_history"][0] == straight["l1_history"][0]
+    assert spectral["l1_history"][1] != straight["l1_history"][1]  # so does the spectral one
     with pytest.raises(ValueError, match="balance"):
         train_vae(tiny_dataset, tmp_path / "bad", steps=1, **{**kw, "balance": "classes"})

@@ -12,6 +12,7 @@ from medsyn.training.common import (
     drawn_indices,
     min_snr_weights,
     sample_noise,
+    spectral_distance,
     step_generator,
     structural_dissimilarity,
 )
@@ -137,3 +138,21 @@ def test_structural_dissimilarity_is_one_minus_ssim_of_images_in_minus_one_to_on
     term = structural_dissimilarity(torch.tensor(y, dtype=torch.float32), torch.tensor(x, dtype=torch.float32))
     assert float(term) == pytest.approx(1 - _ssim_by_hand((y + 1) / 2, (x + 1) / 2), abs=1e-5)
     assert float(structural_dissimilarity(torch.tensor(x), torch.tensor(x))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_spectral_distance_compares_amplitude_spectra_and_charges_blur_not_displacement():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (2, 3, 16, 16))
+    y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1)
+    by_hand = np.abs(np.abs(np.fft.rfft2(y, norm="ortho")) - np.abs(np.fft.rfft2(x, norm="ortho"))).mean()
+    term = spectral_distance(torch.tensor(y, dtype=torch.float32), torch.tensor(x, dtype=torch.float32))
+    assert float(term) == pytest.approx(by_hand, rel=1e-5)
+    # fine texture moved by two pixels keeps its spectrum; the same texture blurred loses it
+    texture = torch.tensor(x, dtype=torch.float32)
+    moved = torch.roll(texture, shifts=(2, 2), dims=(2, 3))
+    blurred = torch.tensor(gaussian_filter(x, (0, 0, 1, 1), mode="wrap"), dtype=torch.float32)
+    assert float(spectral_distance(moved, texture)) == pytest.approx(0.0, abs=1e-5)
+    assert float(spectral_distance(blurred, texture)) > 0.2
+    assert float((moved - texture).abs().mean()) > float((blurred - texture).abs().mean())  # L1 says the opposite

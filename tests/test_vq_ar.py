@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import write_tiny_dataset
 
 from medsyn.data.dataset import read_records, split_records
-from medsyn.models.vq_ar import VQARPipeline, _filter_logits, build_text_tokenizer, retrieve_clues
+from medsyn.models.vq_ar import VQARPipeline, _filter_logits, build_text_tokenizer, named_terms, retrieve_clues
 from medsyn.sampling import generate, sample_class_prompts
 from medsyn.training.vq_ar import clue_bank, train_lm, train_vq
 
@@ -116,6 +116,81 @@ def test_the_clue_bank_is_built_from_training_images_only_and_retrieved_from_tex
     assert sorted(retrieve_clues("A cyan bar.", bank, 3)) == [1, 2]
     assert retrieve_clues("A red disc next to a bar.", {"bar": [1, 2], "disc": [3, 4]}, 3) == [1, 3, 2]
     assert retrieve_clues("Nothing here.", bank, 3) == [] and retrieve_clues("barn", bank, 3) == []
+
+
+def test_a_term_named_only_inside_a_longer_term_is_not_named():
+    terms = ["dyed lifted polyp", "polyp", "pulmonary embolism", "no pulmonary embolism", "colon"]
+    assert named_terms("A dyed lifted polyp in the colon.", terms) == ["dyed lifted polyp", "colon"]
+    assert named_terms("A polyp next to a dyed lifted polyp.", terms) == ["dyed lifted polyp", "polyp"]
+    assert named_terms("CT with no pulmonary embolism.", terms) == ["no pulmonary embolism"]
+    assert named_terms("CT: pulmonary embolism.", terms) == ["pulmonary embolism"]
+    assert named_terms("Polyps and colonic folds.", terms) == []  # whole words only
+
+
+def test_a_report_clue_bank_links_codes_to_the_terms_the_training_prompts_name(tiny):
+    records = split_records(tiny["data"], "train")
+    codes = np.zeros((len(records), 2, 2), dtype=np.int64)
+    for i, record in enumerate(records):  # bars use codes 1 and 2, discs 3 and 4, all use 0
+        codes[i] = [[0, 1], [2, 0]] if "bar" in record["labels"] else [[0, 3], [4, 0]]
+    prompts = [r["report"] for r in records]
+    bank = clue_bank(codes, records, per_term=2, prompts=prompts, terms=["centre", "column", "phantom", "heart"])
+    assert {term: sorted(c) for term, c in bank.items()} == {"centre": [3, 4], "column": [1, 2]}
+    assert sorted(retrieve_clues("Anatomy: column.", bank, 3)) == [1, 2]  # from the anatomy word alone
+    # "phantom" is in every report: no code is typical of it
+
+
+def test_an_lm_on_reports_drops_clues_resumes_exactly_and_samples_with_the_class_report(tiny, tmp_path):
+    vq_dir = tiny["vq"]["vq_dir"]
+    options = {**LM, "prompt_tokens": 16, "prompt_field": "report", "lr": 3e-3}
+    straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=20, clue_dropout=0.5, **options)
+    train_lm(tiny["data"], vq_dir, tmp_path / "resumed", steps=10, clue_dropout=0.5, **options)
+    resumed = train_lm(tiny["data"], vq_dir, tmp_path / "resumed", steps=20, clue_dropout=0.5, **options)
+    assert resumed["loss_history"] == straight["loss_history"][10:]
+    with_clues = train_lm(tiny["data"], vq_dir, tmp_path / "clues", steps=20, **options)
+    assert with_clues["loss_history"] != straight["loss_history"]  # other sequences: some lack their clues
+    pipeline = VQARPipeline.from_pretrained(straight["pipeline_dir"])
+    assert pipeline.prompt_field == "report" and set(pipeline.config["clue_bank"]) == {"bar", "disc"}
+    out = sample_class_prompts(
+        straight["pipeline_dir"],
+        tiny["data"],
+        tmp_path / "generated",
+        "vq-ar",
+        per_prompt=1,
+        steps=1,
+        guidance_scale=1.0,
+    )
+    reports = {r["labels"][0]: r["class_report"] for r in split_records(tiny["data"], "train")}
+    generated = read_records(out)
+    assert len(generated) == 2 and all(r["text"] == reports[r["labels"][0]] for r in generated)
+    assert all("report" not in r for r in generated)
+
+    # the clue and guidance ablation: the same slots in every condition, each with its interval
+    from medsyn.metrics.alignment import clue_guidance_ablation, plot_clue_guidance_ablation
+    from medsyn.models.class_probe import TrainedProbe, to_probe_input
+    from medsyn.training.class_probe import train_class_probe
+
+    probe_path = tmp_path / "probe.pt"
+    train_class_probe(tiny["data"], split_records(tiny["data"], "train"), epochs=3, progress=False).save(probe_path)
+    table = clue_guidance_ablation(straight["pipeline_dir"], tiny["data"], probe_path, 4, 2.0, resamples=200)
+    assert table[["clues", "guidance_scale"]].values.tolist() == [[True, 2.0], [True, 1.0], [False, 2.0], [False, 1.0]]
+    assert (table["images"] == 8).all() and table["difference_from_full"].iloc[0] == 0
+    assert (table["macro_accuracy_low"] <= table["macro_accuracy"]).all()
+    assert (table["macro_accuracy"] <= table["macro_accuracy_high"]).all()
+    prompts = [reports["bar"], reports["disc"]]  # class order: tiny: bar, tiny: disc
+    plain = generate(pipeline, prompts, 4, 0, guidance_scale=1.0, call_options={"clues": False})
+    clued = generate(pipeline, prompts, 4, 0, guidance_scale=1.0)
+    assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(plain, clued))  # the flag reaches it
+    probe = TrainedProbe.load(probe_path)
+    predicted = np.asarray(probe.classes)[probe.predict(to_probe_input(np.stack([s["image"] for s in plain])))]
+    by_hand = np.mean([np.mean(predicted[:4] == "tiny: bar"), np.mean(predicted[4:] == "tiny: disc")])
+    assert table["macro_accuracy"].iloc[3] == pytest.approx(by_hand)
+    plot_clue_guidance_ablation(table).savefig(tmp_path / "ablation.png")
+
+
+def test_an_lm_on_reports_needs_records_that_have_them(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", size=16, n=12, reports=False)
+    with pytest.raises(ValueError, match=r"prompt_field 'report': the records of \['tiny'\] have none"):
+        train_lm(data, tmp_path / "no_vq", tmp_path / "lm", prompt_field="report", **LM)
 
 
 def test_the_text_tokenizer_splits_words_and_punctuation():

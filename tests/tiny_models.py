@@ -15,9 +15,10 @@ TINY_CLIP = {
 }
 
 
-def write_tiny_dataset(root: Path, size: int = 16, n: int = 24) -> Path:
+def write_tiny_dataset(root: Path, size: int = 16, n: int = 24, reports: bool = True) -> Path:
     """A curated-format data set (`medsyn.data.dataset`) of two classes, a red disc and a cyan bar, with
-    captions: the last sixth of the images in the validation split."""
+    captions (and, with `reports`, anatomy-pathology reports): the last sixth of the images in the
+    validation split."""
     from medsyn.data.dataset import image_path, write_records
 
     rng = np.random.default_rng(0)
@@ -43,6 +44,13 @@ def write_tiny_dataset(root: Path, size: int = 16, n: int = 24) -> Path:
                 "patient_id": f"tiny-{i}",
             }
         )
+        if reports:
+            report = (
+                "Phantom. Anatomy: centre. Pathology: disc (centre). Findings: A round red shape."
+                if disc
+                else "Phantom. Anatomy: column. Pathology: bar (column). Findings: A vertical cyan band."
+            )
+            records[-1].update(report=report, class_report=report, report_source="vocabulary")
         image_path(root, records[-1]).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(image_path(root, records[-1]))
     write_records(root, records, kind="curated")
@@ -405,21 +413,7 @@ def save_tiny_vlm(directory: Path, words: list[str]) -> Path:
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
-    language = model.model.language_model
-    chain = [*words, "</s>"]
-    with torch.no_grad():
-        for layer in language.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embedding, head = language.embed_tokens.weight, model.lm_head.weight
-        embedding.zero_()
-        head.zero_()
-        embedding[:, 0] = 1.0  # axis 0: any token outside the chain
-        head[vocab[chain[0]], 0] = 10.0  # ... is followed by the first word
-        for axis, token in enumerate(chain[:-1], 1):
-            embedding[vocab[token]] = 0.0
-            embedding[vocab[token], axis] = 1.0
-            head[vocab[chain[axis]], axis] = 10.0
+    _answer_with(model.model.language_model, model.lm_head, vocab, words)
     model.save_pretrained(directory)
     LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
@@ -433,4 +427,70 @@ def save_tiny_vlm(directory: Path, words: list[str]) -> Path:
             "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
         ),
     ).save_pretrained(directory)
+    return Path(directory)
+
+
+def _answer_with(language, lm_head, vocab: dict, words: list[str]) -> None:
+    """Set a Llama's weights so that its greedy continuation of anything is `words`, then `</s>`:
+    every layer's output projections are zero (each layer passes its input on), each of the chain's
+    tokens has an embedding of its own along one axis, and the head maps that axis to the next word;
+    any other token maps to the first word. The words must be distinct."""
+    chain = [*words, "</s>"]
+    assert len(set(chain)) == len(chain) and len(chain) + 1 < language.config.hidden_size
+    with torch.no_grad():
+        for layer in language.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embedding, head = language.embed_tokens.weight, lm_head.weight
+        embedding.zero_()
+        head.zero_()
+        embedding[:, 0] = 1.0  # axis 0: any token outside the chain
+        head[vocab[chain[0]], 0] = 10.0  # ... is followed by the first word
+        for axis, token in enumerate(chain[:-1], 1):
+            embedding[vocab[token]] = 0.0
+            embedding[vocab[token], axis] = 1.0
+            head[vocab[chain[axis]], axis] = 10.0
+
+
+def save_tiny_llm(directory: Path, words: list[str], prompt_words: list[str]) -> Path:
+    """An instruction-following causal LM of a real architecture (Llama, with a chat template), saved
+    with its tokenizer, whose greedy answer to any prompt is exactly `words`, then end of sequence.
+    `prompt_words`: the words its tokenizer knows besides (others become `<unk>`)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {
+        token: i for i, token in enumerate(dict.fromkeys(special + ["USER:", "ASSISTANT:"] + prompt_words + words))
+    }
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces, no space before "."
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'].upper() }}: {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    hidden = 64
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    _answer_with(model.model, model.lm_head, vocab, words)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return Path(directory)

@@ -52,7 +52,24 @@ VOCABULARY_SCHEMA = {
     "properties": {
         "name": {"type": "string"},
         "image_type": {"type": "string"},
-        "normal": {"type": "array", "items": {"type": "string"}},
+        "normal": {
+            "oneOf": [
+                {"type": "array", "items": {"type": "string"}},
+                {  # normal terms that name what they show (Kvasir's landmarks: normal cecum, normal pylorus)
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["anatomy"],
+                        "properties": {
+                            "anatomy": {"type": "string"},
+                            "synonyms": {"type": "array", "items": {"type": "string"}},
+                            "finding": {"type": "string"},
+                        },
+                    },
+                },
+            ]
+        },
         "anatomy": {
             "type": "object",
             "additionalProperties": {
@@ -83,10 +100,12 @@ def load_vocabulary(path: str | Path) -> dict:
 
     Format: `anatomy` maps each anatomical term to optional synonyms; `pathology` maps each finding
     to the anatomy it sits in, optional synonyms and a report sentence (`finding`); `normal` lists the
-    terms that mean "nothing abnormal".
+    terms that mean "nothing abnormal", or maps each to the anatomy it shows and a report sentence
+    (where a source's normal classes are distinct landmarks, as Kvasir's are).
 
     Raises:
-        ManifestError: a field outside the format, or a pathology pointing at an unknown anatomy.
+        ManifestError: a field outside the format, or a pathology or normal term pointing at an unknown
+            anatomy.
     """
     path = Path(path)
     with open(path) as f:
@@ -97,10 +116,33 @@ def load_vocabulary(path: str | Path) -> dict:
             f"{path.name}: "
             + "; ".join(f"field '{'.'.join(map(str, e.absolute_path)) or '(top level)'}': {e.message}" for e in errors)
         )
-    for term, entry in vocabulary["pathology"].items():
-        if entry["anatomy"] not in vocabulary["anatomy"]:
-            raise ManifestError(f"{path.name}: pathology '{term}' names unknown anatomy '{entry['anatomy']}'")
+    normal = vocabulary.get("normal", [])
+    for kind, entries in (
+        ("pathology", vocabulary["pathology"]),
+        ("normal", normal if isinstance(normal, dict) else {}),
+    ):
+        for term, entry in entries.items():
+            if entry["anatomy"] not in vocabulary["anatomy"]:
+                raise ManifestError(f"{path.name}: {kind} term '{term}' names unknown anatomy '{entry['anatomy']}'")
     return vocabulary
+
+
+def source_vocabulary(source: str) -> dict | None:
+    """The vocabulary that medsyn's manifest of `source` names (`caption.vocabulary`), or None: no
+    such manifest among `data_manifests/`, or one without a vocabulary."""
+    from medsyn.paths import MANIFESTS_DIR, VOCABULARIES_DIR
+
+    path = MANIFESTS_DIR / f"{source}.yaml"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        name = (yaml.safe_load(f).get("caption") or {}).get("vocabulary")
+    return load_vocabulary(VOCABULARIES_DIR / f"{name}.yaml") if name else None
+
+
+def vocabulary_phrases(vocabulary: dict) -> list[str]:
+    """Every term a report of this vocabulary can name: anatomy, pathology and normal terms."""
+    return sorted(set(vocabulary["anatomy"]) | vocabulary_terms(vocabulary))
 
 
 def vocabulary_terms(vocabulary: dict) -> set[str]:
@@ -113,7 +155,9 @@ def report_prompt(labels: list[str], vocabulary: dict) -> str:
     pathology with its location, then the report sentences.
 
     Example: "Chest X-ray. Anatomy: heart. Pathology: cardiomegaly (heart). Findings: The cardiac
-    silhouette is enlarged."
+    silhouette is enlarged." A normal term that names its anatomy gives "Colonoscopy. Anatomy: cecum.
+    Pathology: none. Findings: Orange mucosa with ..."; other normal terms "... Anatomy: normal.
+    Pathology: none. Findings: No abnormality."
 
     Args:
         labels: vocabulary terms.
@@ -128,7 +172,13 @@ def report_prompt(labels: list[str], vocabulary: dict) -> str:
     findings = [label for label in labels if label in vocabulary["pathology"]]
     head = vocabulary["image_type"][0].upper() + vocabulary["image_type"][1:] + "."
     if not findings:
-        return f"{head} Anatomy: normal. Pathology: none. Findings: No abnormality."
+        normal = vocabulary.get("normal", [])
+        shown = [normal[label] for label in labels if isinstance(normal, dict) and label in normal]
+        if not shown:
+            return f"{head} Anatomy: normal. Pathology: none. Findings: No abnormality."
+        anatomy = list(dict.fromkeys(e["anatomy"] for e in shown))
+        sentences = " ".join(e.get("finding", f"The {e['anatomy']} is normal.") for e in shown)
+        return f"{head} Anatomy: {', '.join(anatomy)}. Pathology: none. Findings: {sentences}"
     entries = [vocabulary["pathology"][f] for f in findings]
     anatomy = list(dict.fromkeys(e["anatomy"] for e in entries))
     pathology = "; ".join(f"{f} ({e['anatomy']})" for f, e in zip(findings, entries))
@@ -298,6 +348,118 @@ def vlm_captions(
             record["text"] = record["class_text"]
             record["caption_source"] = "template"
             record["caption_note"] = f"vlm description refused: {CAPTION_REFUSALS[reason]}"
+            refused_counts[reason] = refused_counts.get(reason, 0) + 1
+    counts["template"] = dict(sorted(refused_counts.items()))
+    counts["model"] = model
+    return counts
+
+
+# ---------------------------------------------------------------- reports written by a language model
+
+# a rewrite is refused (and the template report kept) for one of the caption reasons or this one
+REPORT_REFUSALS = {**CAPTION_REFUSALS, "drops_finding": "leaves out one of the image's findings"}
+
+
+def names_every_finding(text: str, labels: list[str], vocabulary: dict) -> bool:
+    """Whether `text` names each pathology among `labels`, by its term or one of its synonyms (whole
+    words); normal terms need no mention."""
+    words = _words(text)
+    for label in labels:
+        entry = vocabulary["pathology"].get(label)
+        if entry is not None and not any(_contains_phrase(words, n) for n in [label, *entry.get("synonyms", [])]):
+            return False
+    return True
+
+
+def _report_key(template: str, variant: int) -> str:
+    """The cache key of one rewrite: reports depend on the template report only, not on the image."""
+    import hashlib
+
+    return hashlib.sha256(f"{variant}|{template}".encode()).hexdigest()
+
+
+def llm_reports(
+    records: list[dict],
+    writer,
+    cache_path: str | Path,
+    vocabularies: dict[str, dict | None],
+    identifiers: set[str],
+    progress: bool = True,
+) -> dict:
+    """Give each record whose source has a vocabulary a report that a language model rewrote from its
+    template report (`report_prompt`); a refused rewrite leaves the template, with the reason.
+
+    The model sees the template report and the image type only. Rewrites depend on the template alone,
+    so the model is asked once per distinct template and variant (`writer.variants`; an image's hash
+    picks its variant), and every answer is cached by (template, variant, model): a rerun asks nothing.
+
+    Sets per record `report`, `report_source` ('llm', 'vocabulary' where the template is kept, or
+    'caption' for a source without a vocabulary, left as it is) and `report_note` (why the template
+    was kept, or ''). `class_report` (the template report) stays the class's report prompt.
+
+    Args:
+        records: curated records, with `report` from `report_prompt` and `report_source` 'vocabulary'.
+        writer: an object with `model_id`, `variants` and `write(reports, image_types, variant) ->
+            list[str]` (`medsyn.models.report_writer.ReportWriter`).
+        cache_path: the cache file (a `CaptionCache`), outside the dataset (it outlives a rebuild).
+        vocabularies: source name -> its vocabulary (`load_vocabulary`) or None.
+        identifiers: strings that must never reach a report; a rewrite holding one, a run of four
+            digits or a date is refused before it is cached.
+        progress: show a progress bar.
+
+    Returns:
+        counts: `written` (new model outputs), `cached`, `llm`, and `template` per refusal reason.
+    """
+    from tqdm.auto import tqdm
+
+    cache = CaptionCache(cache_path)
+    model, variants = writer.model_id, max(1, int(getattr(writer, "variants", 1)))
+    mine = [r for r in records if r["report_source"] == "vocabulary"]
+    asked = {}  # key -> (template, image type, variant), each distinct rewrite once
+    for record in mine:
+        variant = int(record["sha256"][:8], 16) % variants
+        record["_report_key"] = _report_key(record["report"], variant)
+        asked[record["_report_key"]] = (record["report"], record["image_type"], variant)
+    pending = {key: value for key, value in asked.items() if cache.get(key, model) is None}
+    batch = max(1, getattr(writer, "batch_size", 8))
+    with tqdm(total=len(pending), desc="reports (llm)", unit="report", disable=not progress) as bar:
+        for variant in range(variants):
+            keys = [key for key, value in pending.items() if value[2] == variant]
+            for start in range(0, len(keys), batch):
+                chunk = keys[start : start + batch]
+                texts = writer.write([pending[k][0] for k in chunk], [pending[k][1] for k in chunk], variant)
+                cache.add(
+                    [
+                        {"sha256": key, "model": model, "description": None if refused else text, "refused": refused}
+                        for key, text in zip(chunk, texts, strict=True)
+                        for refused in [refuse_identifiers(text, identifiers)]
+                    ]
+                )
+                bar.update(len(chunk))
+    # another class: any label in the dataset, any term of a vocabulary in use, and the synonyms of the
+    # record's own vocabulary's other pathologies (another vocabulary's synonyms are too generic: "mass")
+    known = {label for record in records for label in record["labels"]}
+    known |= {term for vocabulary in vocabularies.values() if vocabulary for term in vocabulary_terms(vocabulary)}
+    counts = {"written": len(pending), "cached": len(asked) - len(pending), "llm": 0}
+    refused_counts: dict[str, int] = {}
+    for record in mine:
+        entry, vocabulary = cache.get(record.pop("_report_key"), model), vocabularies[record["source"]]
+        others = known | {
+            synonym
+            for term, value in vocabulary["pathology"].items()
+            if term not in record["labels"]
+            for synonym in value.get("synonyms", [])
+        }
+        reason = entry["refused"] or refuse_description(
+            entry["description"], record["labels"], others - set(record["labels"])
+        )
+        if reason is None and not names_every_finding(entry["description"], record["labels"], vocabulary):
+            reason = "drops_finding"
+        if reason is None:
+            record["report"], record["report_source"], record["report_note"] = entry["description"], "llm", ""
+            counts["llm"] += 1
+        else:
+            record["report_note"] = f"llm report refused: {REPORT_REFUSALS[reason]}"
             refused_counts[reason] = refused_counts.get(reason, 0) + 1
     counts["template"] = dict(sorted(refused_counts.items()))
     counts["model"] = model

@@ -23,7 +23,14 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medsyn.data.captions import caption_from_labels, load_vocabulary, vlm_captions, vocabulary_terms
+from medsyn.data.captions import (
+    caption_from_labels,
+    llm_reports,
+    load_vocabulary,
+    report_prompt,
+    vlm_captions,
+    vocabulary_terms,
+)
 from medsyn.data.dataset import MARKER, SPLITS, class_key, image_file_name, read_records, write_records
 from medsyn.data.dedup import DuplicateIndex
 from medsyn.data.manifest import ManifestError, load_manifest, validate_manifest
@@ -386,6 +393,8 @@ def curate(
     progress: bool = True,
     captioner=None,
     caption_cache: str | Path | None = None,
+    report_writer=None,
+    report_cache: str | Path | None = None,
     patient_prefix: str = "",
 ) -> CurationResult:
     """Curate raw sources into an imagefolder dataset with `metadata.jsonl` and `rejected.csv`.
@@ -406,6 +415,11 @@ def curate(
             template (`medsyn.data.captions.vlm_captions`; refused descriptions keep the template).
         caption_cache: the captioner's cache file (default `<out_dir>.vlm_captions.jsonl`, beside the
             dataset so that it outlives a rebuild).
+        report_writer: None for reports from the vocabularies' templates only (`report_prompt`: each
+            record's `report`, where its source's manifest names a vocabulary; else its caption); or a
+            language model (`medsyn.models.report_writer.ReportWriter`) that rewrites each template
+            report as prose (`medsyn.data.captions.llm_reports`; refused rewrites keep the template).
+        report_cache: the report writer's cache file (default `<out_dir>.llm_reports.jsonl`).
         patient_prefix: put before every pseudonym (`<prefix><source>-00001`), so that the patients
             of a second dataset of other patients (the downstream experiment's held-out set) are
             never named like the first's.
@@ -514,14 +528,22 @@ def curate(
                 _Candidate(reader.name, source_file, item, file_name, sha, item_labels, patient, reader.identifiers)
             )
 
-    records = _assign_splits(candidates, loaded, building, seed, patient_prefix)
+    vocabularies = {reader.name: reader.vocabulary for reader in readers}
+    records = _assign_splits(candidates, loaded, building, seed, patient_prefix, vocabularies)
     captions = {"source": "template"}
     if captioner is not None:
         cache = Path(caption_cache) if caption_cache else out_dir.with_name(out_dir.name + ".vlm_captions.jsonl")
         captions = {"source": "vlm", **vlm_captions(records, building, captioner, cache, _identifiers(candidates))}
+    reports = {"source": "template"}
+    if report_writer is not None:
+        cache = Path(report_cache) if report_cache else out_dir.with_name(out_dir.name + ".llm_reports.jsonl")
+        reports = {
+            "source": "llm",
+            **llm_reports(records, report_writer, cache, vocabularies, _identifiers(candidates), progress=progress),
+        }
     _write_rejections(rejections, building)
     result = CurationResult(out_dir=out_dir, records=records, rejections=rejections, files_in=len(all_files))
-    result.summary = {**_summary(result, all_files, size, seed, names), "captions": captions}
+    result.summary = {**_summary(result, all_files, size, seed, names), "captions": captions, "reports": reports}
     (building / SUMMARY).write_text(json.dumps(result.summary, indent=2))
     write_records(building, records, kind="curated")
     _swap_in(building, out_dir)
@@ -653,10 +675,16 @@ def _write_png(image: np.ndarray, building: Path) -> tuple[str, str]:
 
 
 def _assign_splits(
-    candidates: list[_Candidate], manifests: list[dict], building: Path, seed: int, patient_prefix: str = ""
+    candidates: list[_Candidate],
+    manifests: list[dict],
+    building: Path,
+    seed: int,
+    patient_prefix: str,
+    vocabularies: dict[str, dict | None],
 ) -> list[dict]:
     """Pseudonymise patients, split per source (stratified by class) and move each image into its
-    split's folder; return the records in file order."""
+    split's folder; return the records in file order, each with its caption and its report (from the
+    source's vocabulary, else the caption)."""
     by_name = {m["name"]: m for m in manifests}
 
     pseudonyms: dict[tuple[str, str], str] = {}
@@ -683,6 +711,7 @@ def _assign_splits(
         m = by_name[c.source]
         patient_id = pseudonyms[(c.source, c.patient_key)]
         template = caption_from_labels(c.labels, m["caption"], m["image_type"])
+        vocabulary = vocabularies.get(c.source)
         records.append(
             {
                 "file_name": c.file_name,
@@ -690,6 +719,10 @@ def _assign_splits(
                 "class_text": template,
                 "caption_source": "template",
                 "caption_note": "",
+                "report": report_prompt(c.labels, vocabulary) if vocabulary else template,
+                "class_report": report_prompt(c.labels, vocabulary) if vocabulary else template,
+                "report_source": "vocabulary" if vocabulary else "caption",
+                "report_note": "",
                 "split": split_of[(c.source, patient_id)],
                 "specialty": m["specialty"],
                 "image_type": m["image_type"],

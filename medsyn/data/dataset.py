@@ -185,7 +185,8 @@ def class_prompts(records: list[dict]) -> dict[str, str]:
 
 def class_fields(records: list[dict]) -> dict[str, dict]:
     """Per class (in `class_prompts` order), the fields a generated image of that class inherits:
-    `text` (the prompt), `source`, `specialty`, `image_type` and `labels`."""
+    `text` (the prompt), `report` (the class's report prompt, `class_report`, for a family trained on
+    reports; the prompt where a dataset has none), `source`, `specialty`, `image_type` and `labels`."""
     prompts = class_prompts(records)
     first: dict[str, dict] = {}
     for record in records:
@@ -193,6 +194,7 @@ def class_fields(records: list[dict]) -> dict[str, dict]:
     return {
         key: {
             "text": prompt,
+            "report": first[key].get("class_report", prompt),
             **{f: first[key].get(f) for f in ("source", "specialty", "image_type")},
             "labels": list(first[key]["labels"]),
         }

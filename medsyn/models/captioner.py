@@ -62,7 +62,7 @@ class VLMCaptioner:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.calls = 0  # generate calls so far: a cache that works leaves this at 0 on a rerun
-        self.model_id = _model_id(model_dir, {"instruction": instruction, "max_new_tokens": max_new_tokens})
+        self.model_id = directory_id(model_dir, {"instruction": instruction, "max_new_tokens": max_new_tokens})
 
     def _prompt(self, image_type: str) -> str:
         text = self.instruction.format(image_type=image_type)
@@ -89,7 +89,7 @@ class VLMCaptioner:
         return out
 
 
-def _model_id(model_dir: Path, settings: dict) -> str:
+def directory_id(model_dir: Path, settings: dict) -> str:
     """A name for the cache: the directory's name and a hash of its config, its weight files' names
     and sizes, and the generation settings (hashing the weights themselves would read gigabytes)."""
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())

@@ -50,15 +50,27 @@ def build_text_tokenizer(texts: list[str]):
     )
 
 
-def clue_terms(text: str, bank: dict[str, list[int]]) -> list[str]:
-    """The clue bank's terms that the text names, as whole words, in the bank's order."""
+def named_terms(text: str, terms: list[str]) -> list[str]:
+    """The terms that the text names, as whole words, in `terms` order. A term named only inside a
+    longer named term is not named: "polyp" in "dyed lifted polyp", "pulmonary embolism" in "no
+    pulmonary embolism"."""
     words = WORD.findall(text.lower())
-    found = []
-    for term in bank:
+    spans = {}
+    for term in terms:
         parts = WORD.findall(term.lower())
-        if any(words[i : i + len(parts)] == parts for i in range(len(words) - len(parts) + 1)):
-            found.append(term)
-    return found
+        spans[term] = [
+            (i, i + len(parts)) for i in range(len(words) - len(parts) + 1) if words[i : i + len(parts)] == parts
+        ]
+
+    def inside_a_longer_one(term: str, start: int, end: int) -> bool:
+        return any(a <= start and end <= b and b - a > end - start for o in terms if o != term for a, b in spans[o])
+
+    return [term for term in terms if any(not inside_a_longer_one(term, *span) for span in spans[term])]
+
+
+def clue_terms(text: str, bank: dict[str, list[int]]) -> list[str]:
+    """The clue bank's terms that the text names (`named_terms`), in the bank's order."""
+    return named_terms(text, list(bank))
 
 
 def retrieve_clues(text: str, bank: dict[str, list[int]], count: int) -> list[int]:
@@ -93,7 +105,8 @@ class VQARPipeline:
         vqvae: a diffusers `VQModel`.
         lm: a transformers causal LM whose vocabulary is `len(tokenizer) + codes`.
         tokenizer: the text tokenizer (`build_text_tokenizer`).
-        config: `grid` [H, W], `codes`, `prompt_tokens` P, `clue_tokens` M, `clue_bank` {term: [code]}.
+        config: `grid` [H, W], `codes`, `prompt_tokens` P, `clue_tokens` M, `clue_bank` {term: [code]},
+            `prompt_field` ('text' or 'report': what `medsyn.sampling` prompts it with).
     """
 
     def __init__(self, vqvae, lm, tokenizer, config: dict):
@@ -109,6 +122,11 @@ class VQARPipeline:
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    @property
+    def prompt_field(self) -> str:
+        """The record field its prompts were trained on: 'text' (captions) or 'report' (reports)."""
+        return self.config.get("prompt_field", "text")
 
     @property
     def sample_size(self) -> int:

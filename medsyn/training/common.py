@@ -498,6 +498,16 @@ def structural_dissimilarity(reconstruction: torch.Tensor, x: torch.Tensor) -> t
     return 1 - ssim((reconstruction.float() + 1) / 2, (x.float() + 1) / 2, data_range=1.0, win_size=7)
 
 
+def spectral_distance(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The mean absolute difference of the two images' 2-D amplitude spectra (`torch.fft.rfft2`,
+    orthonormal, per channel), for images in [-1, 1]: a frequency-aware reconstruction term. It
+    ignores where fine texture sits (a circular shift leaves an amplitude spectrum unchanged) and
+    charges its loss: L1 and SSIM reward a decoder that blurs what it cannot place, this term does not
+    (measured on `default`: the classifier on reconstructions 0.94 -> 0.98 macro, README)."""
+    amplitude = torch.fft.rfft2(reconstruction.float(), norm="ortho").abs()
+    return (amplitude - torch.fft.rfft2(x.float(), norm="ortho").abs()).abs().mean()
+
+
 def adversarial_term(
     reconstruction_loss: torch.Tensor, fake_logits: torch.Tensor, last_layer: torch.Tensor, weight: float
 ):

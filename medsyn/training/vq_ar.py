@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsyn.data.captions import source_vocabulary, vocabulary_phrases
 from medsyn.data.dataset import split_records
-from medsyn.models.vq_ar import BOI, EOI, PAD, VQARPipeline, build_text_tokenizer, nearest_codes
+from medsyn.models.vq_ar import BOI, EOI, PAD, VQARPipeline, build_text_tokenizer, named_terms, nearest_codes
 from medsyn.training.common import (
     adamw,
     adversarial_term,
@@ -32,6 +33,7 @@ from medsyn.training.common import (
     progress_bar,
     resume_step,
     save_checkpoint,
+    spectral_distance,
     step_generator,
     structural_dissimilarity,
     to_model_range,
@@ -143,6 +145,7 @@ def train_vq(
     beta: float = 0.25,
     codebook_decay: float = 0.99,
     ssim_weight: float = 0.2,
+    spectral_weight: float = 0.0,
     adversarial_weight: float = 0.1,
     adversarial_start: int | None = None,
     config: dict | None = None,
@@ -162,6 +165,8 @@ def train_vq(
         beta: weight of the commitment term ‖z − sg(e)‖² (the encoder is pulled to its code).
         codebook_decay: EMA decay of the codebook.
         ssim_weight: weight of 1 − SSIM (pytorch-msssim) beside L1: structure without a downloaded LPIPS.
+        spectral_weight: weight of the amplitude-spectrum distance (`spectral_distance`), the VAE's
+            frequency-aware term; 0: none.
         adversarial_weight, adversarial_start: the PatchGAN hinge term (adaptive weight) and its first
             step (default: three quarters of `steps`); 0 turns it off.
         config: VQModel overrides of `VQ_CONFIG`.
@@ -215,6 +220,8 @@ def train_vq(
             structure = structural_dissimilarity(reconstruction, x)
             commitment = beta * ((latents.float() - quantized.float()) ** 2).mean()
             loss = l1 + ssim_weight * structure + commitment
+            if spectral_weight:
+                loss = loss + spectral_weight * spectral_distance(reconstruction, x)
             adversarial = adversarial_weight > 0 and step >= adversarial_start
             if adversarial:
                 last = accelerator.unwrap_model(tokenise).vq.decoder.conv_out.weight
@@ -278,27 +285,58 @@ def _validate(vq, dataset_dir, out_dir: Path) -> dict:
 # ---------------------------------------------------------------- the language model over codes
 
 
-def clue_bank(codes: np.ndarray, records: list[dict], per_term: int = 8) -> dict[str, list[int]]:
-    """The visual codebook of arXiv 2403.06835, from the training split only: for each label term, the
-    codes most typical of the images that carry it (the largest ratio of their frequency in those
-    images to their frequency in all images, among codes seen at least twice in them).
+def clue_bank(
+    codes: np.ndarray,
+    records: list[dict],
+    per_term: int = 8,
+    prompts: list[str] | None = None,
+    terms: list[str] | None = None,
+) -> dict[str, list[int]]:
+    """The visual codebook of arXiv 2403.06835, from the training split only: for each term, the codes
+    most typical of the images that carry it (the largest ratio of their frequency in those images to
+    their frequency in all images, among codes seen at least twice in them and more often than in all).
 
     Args:
         codes: N x H x W code ids of the training images, in `records` order.
         records: the training records.
         per_term: clues kept per term.
+        prompts, terms: with both, the terms are vocabulary terms (anatomy, pathology, normal) and an
+            image carries those its prompt names (`named_terms`: the co-occurrence of words and
+            codes), as retrieval finds them in a prompt; without, the terms are the label terms.
     """
     if any(r["split"] != "train" for r in records):
         raise ValueError("the clue bank is built from training images only")
+    if terms is None:
+        carried = [set(r["labels"]) for r in records]
+        terms = sorted({label for r in records for label in r["labels"]})
+    else:
+        carried = [set(named_terms(prompt, terms)) for prompt in prompts]
     k = int(codes.max()) + 1
     overall = np.bincount(codes.reshape(-1), minlength=k) / codes.size
     bank = {}
-    for term in sorted({label for r in records for label in r["labels"]}):
-        mine = codes[[i for i, r in enumerate(records) if term in r["labels"]]].reshape(-1)
+    for term in terms:
+        carriers = [i for i, named in enumerate(carried) if term in named]
+        if not carriers:
+            continue
+        mine = codes[carriers].reshape(-1)
         counts = np.bincount(mine, minlength=k)
         ratio = np.where(counts >= 2, counts / len(mine) / np.maximum(overall, 1e-12), 0)
-        bank[term] = [int(c) for c in np.argsort(-ratio, kind="stable")[:per_term] if ratio[c] > 0]
+        clues = [int(c) for c in np.argsort(-ratio, kind="stable")[:per_term] if ratio[c] > 1]
+        if clues:  # a term that every image carries has no typical code
+            bank[term] = clues
     return bank
+
+
+def bank_of(codes: np.ndarray, records: list[dict], prompts: list[str], prompt_field: str, per_term: int) -> dict:
+    """`clue_bank` over label terms for captions; for reports, over the vocabulary terms (and labels)
+    of the records' sources that the training reports name."""
+    if prompt_field == "text":
+        return clue_bank(codes, records, per_term)
+    terms = {label for r in records for label in r["labels"]}
+    for source in sorted({r["source"] for r in records}):
+        vocabulary = source_vocabulary(source)
+        terms |= set(vocabulary_phrases(vocabulary)) if vocabulary else set()
+    return clue_bank(codes, records, per_term, prompts=prompts, terms=sorted(terms))
 
 
 def make_lm(vocab_size: int, positions: int, special: dict, config: dict | None = None):
@@ -317,11 +355,13 @@ def train_lm(
     config: dict | None = None,
     prompt_tokens: int = 16,
     clue_tokens: int = 8,
+    prompt_field: str = "text",
     steps: int = 2000,
     batch_size: int = 32,
     lr: float = 1e-3,
     lr_warmup_steps: int = 100,
     caption_dropout: float = 0.1,
+    clue_dropout: float = 0.0,
     max_grad_norm: float = 1.0,
     mixed_precision: str = "no",
     checkpoint_every: int = 500,
@@ -339,8 +379,15 @@ def train_lm(
             the text vocabulary plus the codes, all trained); None: a GPT-2 from `LM_CONFIG`.
         config: GPT-2 overrides of `LM_CONFIG`.
         prompt_tokens, clue_tokens: the fixed lengths of the prompt and clue slots.
+        prompt_field: the record field the prompt is: 'text' (the caption) or 'report' (the
+            anatomy-pathology report of curation, arXiv 2403.06835's prompting). With reports, the clue
+            bank's terms are the vocabularies' anatomy, pathology and normal terms that the training
+            reports name; else the label terms. Sampling (`medsyn.sampling`) prompts with the same
+            field (`VQARPipeline.prompt_field`).
         steps, batch_size, lr, lr_warmup_steps: AdamW steps, sequences per step, constant LR after warm-up.
         caption_dropout: share of sequences whose prompt and clues are replaced by padding.
+        clue_dropout: share of the other sequences whose clues alone are left out (`<clue>` then
+            padding), so that the model also samples without clues (the clue ablation of `04`).
         max_grad_norm, mixed_precision, checkpoint_every, seed, resume, progress: as the other loops.
 
     Returns:
@@ -355,8 +402,15 @@ def train_lm(
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     set_seed(seed)
     records = split_records(dataset_dir, "train")
+    if prompt_field not in ("text", "report"):
+        raise ValueError(f"prompt_field must be 'text' or 'report', got {prompt_field!r}")
+    missing = sorted({r["source"] for r in records if prompt_field not in r})
+    if missing:
+        raise ValueError(f"prompt_field {prompt_field!r}: the records of {missing} have none (curate them again)")
+    prompts = [r[prompt_field] for r in records]
+    class_field = {"text": "class_text", "report": "class_report"}[prompt_field]
     vq = VQModel.from_pretrained(vq_dir, local_files_only=True).eval().requires_grad_(False)
-    tokenizer = build_text_tokenizer([r["text"] for r in records] + [r.get("class_text", r["text"]) for r in records])
+    tokenizer = build_text_tokenizer(prompts + [r.get(class_field, r[prompt_field]) for r in records])
     with accelerator.main_process_first():  # the main process writes the cache, the others then read it
         images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
     with torch.no_grad():
@@ -373,7 +427,8 @@ def train_lm(
         "codes": codes,
         "prompt_tokens": prompt_tokens,
         "clue_tokens": clue_tokens,
-        "clue_bank": clue_bank(all_codes.numpy(), records, clue_tokens) if clue_tokens else {},
+        "clue_bank": bank_of(all_codes.numpy(), records, prompts, prompt_field, clue_tokens) if clue_tokens else {},
+        "prompt_field": prompt_field,
     }
     length = prompt_tokens + 1 + clue_tokens + 1 + grid[0] * grid[1] + 1
     if pretrained_lm_dir:
@@ -387,7 +442,8 @@ def train_lm(
             len(tokenizer) + codes, length, {"bos_token_id": boi, "eos_token_id": eoi, "pad_token_id": pad}, config
         )
     layout = VQARPipeline(vq, lm, tokenizer, pipeline_config)
-    sequences = layout.sequences([r["text"] for r in records], all_codes)
+    sequences = layout.sequences(prompts, all_codes)
+    clueless = layout.sequences(prompts, all_codes, clues=False) if clue_dropout else sequences
     unconditional = layout.context([None]).expand(1, -1)
     labels = sequences.clone()
     labels[:, : unconditional.shape[1]] = -100  # the loss on the image codes and <eoi> only
@@ -405,9 +461,10 @@ def train_lm(
     bar = progress_bar(steps, start, "lm", progress and accelerator.is_local_main_process)
     for step in range(start, steps):
         index = batch_indices(len(records), batch_size, seed, step)
-        dropped = torch.rand(batch_size, generator=step_generator(seed, step)) < caption_dropout
+        draws = torch.rand(2, batch_size, generator=step_generator(seed, step))  # the first row as before
+        dropped, without_clues = draws[0] < caption_dropout, draws[1] < clue_dropout
         mine = slice(rank, None, world)
-        batch = sequences[index].clone()
+        batch = torch.where(without_clues[:, None], clueless[index], sequences[index])
         batch[dropped, : unconditional.shape[1]] = unconditional
         with accelerator.autocast():
             loss = lm(
