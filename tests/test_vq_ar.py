@@ -51,6 +51,14 @@ def test_the_codebook_stays_in_use_and_the_tokenizer_reloads_with_diffusers(tiny
     assert np.abs(pictures.astype(int) - vq["reconstructions"][:4]).max() <= 1
 
 
+def test_the_spectral_term_reaches_the_tokenizer(tiny, tmp_path):
+    kw = {"steps": 2, "batch_size": 8, "codes": 16, "config": TINY_VQ, "progress": False}
+    plain = train_vq(tiny["data"], tmp_path / "plain", **kw)
+    spectral = train_vq(tiny["data"], tmp_path / "spectral", spectral_weight=0.5, **kw)
+    assert spectral["l1_history"][0] == plain["l1_history"][0]  # the same first batch and weights
+    assert spectral["l1_history"][1] != plain["l1_history"][1]  # another first update
+
+
 def test_the_lm_learns_resumes_exactly_and_the_pipeline_reloads(tiny, tmp_path):
     vq_dir = tiny["vq"]["vq_dir"]
     straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=40, lr=3e-3, **LM)

@@ -415,11 +415,10 @@ def llm_reports(
     cache = CaptionCache(cache_path)
     model, variants = writer.model_id, max(1, int(getattr(writer, "variants", 1)))
     mine = [r for r in records if r["report_source"] == "vocabulary"]
+    key_of = [_report_key(r["report"], int(r["sha256"][:8], 16) % variants) for r in mine]
     asked = {}  # key -> (template, image type, variant), each distinct rewrite once
-    for record in mine:
-        variant = int(record["sha256"][:8], 16) % variants
-        record["_report_key"] = _report_key(record["report"], variant)
-        asked[record["_report_key"]] = (record["report"], record["image_type"], variant)
+    for record, key in zip(mine, key_of, strict=True):
+        asked[key] = (record["report"], record["image_type"], int(record["sha256"][:8], 16) % variants)
     pending = {key: value for key, value in asked.items() if cache.get(key, model) is None}
     batch = max(1, getattr(writer, "batch_size", 8))
     with tqdm(total=len(pending), desc="reports (llm)", unit="report", disable=not progress) as bar:
@@ -442,8 +441,8 @@ def llm_reports(
     known |= {term for vocabulary in vocabularies.values() if vocabulary for term in vocabulary_terms(vocabulary)}
     counts = {"written": len(pending), "cached": len(asked) - len(pending), "llm": 0}
     refused_counts: dict[str, int] = {}
-    for record in mine:
-        entry, vocabulary = cache.get(record.pop("_report_key"), model), vocabularies[record["source"]]
+    for record, key in zip(mine, key_of, strict=True):
+        entry, vocabulary = cache.get(key, model), vocabularies[record["source"]]
         others = known | {
             synonym
             for term, value in vocabulary["pathology"].items()

@@ -712,6 +712,7 @@ def _assign_splits(
         patient_id = pseudonyms[(c.source, c.patient_key)]
         template = caption_from_labels(c.labels, m["caption"], m["image_type"])
         vocabulary = vocabularies.get(c.source)
+        report = report_prompt(c.labels, vocabulary) if vocabulary else template
         records.append(
             {
                 "file_name": c.file_name,
@@ -719,8 +720,8 @@ def _assign_splits(
                 "class_text": template,
                 "caption_source": "template",
                 "caption_note": "",
-                "report": report_prompt(c.labels, vocabulary) if vocabulary else template,
-                "class_report": report_prompt(c.labels, vocabulary) if vocabulary else template,
+                "report": report,
+                "class_report": report,
                 "report_source": "vocabulary" if vocabulary else "caption",
                 "report_note": "",
                 "split": split_of[(c.source, patient_id)],
