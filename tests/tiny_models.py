@@ -362,7 +362,6 @@ def save_tiny_vlm(directory: Path, words: list[str]) -> Path:
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -394,19 +393,7 @@ def save_tiny_vlm(directory: Path, words: list[str]) -> Path:
             image_size=16,
             patch_size=8,
         ),
-        text_config=LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
-            tie_word_embeddings=False,
-        ),
+        text_config=_tiny_llama_config(vocab, hidden, positions=256),
         image_token_index=vocab["<image>"],
         vision_feature_select_strategy="default",
         image_seq_length=4,
@@ -428,6 +415,25 @@ def save_tiny_vlm(directory: Path, words: list[str]) -> Path:
         ),
     ).save_pretrained(directory)
     return Path(directory)
+
+
+def _tiny_llama_config(vocab: dict, hidden: int, positions: int):
+    """A one-layer Llama configuration over a word-level vocabulary with <pad>, <s> and </s>."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        tie_word_embeddings=False,
+    )
 
 
 def _answer_with(language, lm_head, vocab: dict, words: list[str]) -> None:
@@ -458,7 +464,7 @@ def save_tiny_llm(directory: Path, words: list[str], prompt_words: list[str]) ->
     `prompt_words`: the words its tokenizer knows besides (others become `<unk>`)."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers import models as tokenizer_models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     special = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {
@@ -474,22 +480,8 @@ def save_tiny_llm(directory: Path, words: list[str], prompt_words: list[str]) ->
         "{% for m in messages %}{{ m['role'].upper() }}: {{ m['content'] }} {% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     )
-    hidden = 64
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=vocab["<pad>"],
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(_tiny_llama_config(vocab, 64, positions=512)).eval()
     _answer_with(model.model, model.lm_head, vocab, words)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -45,6 +45,22 @@ def caption_from_labels(labels: list[str], caption: dict, image_type: str) -> st
     return text[0].upper() + text[1:]
 
 
+# terms that each sit in an anatomy, with optional synonyms and a report sentence: pathologies, and
+# normal terms that name what they show
+TERMS_IN_ANATOMY = {
+    "type": "object",
+    "additionalProperties": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["anatomy"],
+        "properties": {
+            "anatomy": {"type": "string"},
+            "synonyms": {"type": "array", "items": {"type": "string"}},
+            "finding": {"type": "string"},
+        },
+    },
+}
+
 VOCABULARY_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
@@ -55,19 +71,7 @@ VOCABULARY_SCHEMA = {
         "normal": {
             "oneOf": [
                 {"type": "array", "items": {"type": "string"}},
-                {  # normal terms that name what they show (Kvasir's landmarks: normal cecum, normal pylorus)
-                    "type": "object",
-                    "additionalProperties": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["anatomy"],
-                        "properties": {
-                            "anatomy": {"type": "string"},
-                            "synonyms": {"type": "array", "items": {"type": "string"}},
-                            "finding": {"type": "string"},
-                        },
-                    },
-                },
+                TERMS_IN_ANATOMY,  # normal terms that name what they show (Kvasir's landmarks)
             ]
         },
         "anatomy": {
@@ -78,19 +82,7 @@ VOCABULARY_SCHEMA = {
                 "properties": {"synonyms": {"type": "array", "items": {"type": "string"}}},
             },
         },
-        "pathology": {
-            "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["anatomy"],
-                "properties": {
-                    "anatomy": {"type": "string"},
-                    "synonyms": {"type": "array", "items": {"type": "string"}},
-                    "finding": {"type": "string"},
-                },
-            },
-        },
+        "pathology": TERMS_IN_ANATOMY,
     },
 }
 

@@ -41,17 +41,10 @@ class VLMCaptioner:
         batch_size: int = 8,
         device: str | None = None,
     ):
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"vision-language model for captions not found: {model_dir / 'config.json'} does not exist "
-                "(medsyn never downloads; put a transformers model directory there, or use captions='template')"
-            )
-        import torch
+        model_dir = require_model_dir(model_dir, "vision-language model for captions", "captions='template'")
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.device, dtype = device_and_dtype(device)
         self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
         self.model.to(self.device).eval()
@@ -87,6 +80,26 @@ class VLMCaptioner:
             new = generated[:, inputs["input_ids"].shape[1] :]
             out += [text.strip() for text in self.processor.batch_decode(new, skip_special_tokens=True)]
         return out
+
+
+def require_model_dir(model_dir: str | Path, what: str, instead: str) -> Path:
+    """`model_dir` as a Path, or FileNotFoundError naming its missing `config.json` before anything
+    loads (medsyn never downloads); `instead` says how to run without the model."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{what} not found: {model_dir / 'config.json'} does not exist "
+            f"(medsyn never downloads; put a transformers model directory there, or use {instead})"
+        )
+    return model_dir
+
+
+def device_and_dtype(device: str | None):
+    """The device (CUDA when available unless one is given) and its dtype (bfloat16 on CUDA)."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def directory_id(model_dir: Path, settings: dict) -> str:

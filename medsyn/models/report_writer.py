@@ -11,7 +11,7 @@ template where a rewrite is refused.
 
 from pathlib import Path
 
-from medsyn.models.captioner import directory_id
+from medsyn.models.captioner import device_and_dtype, directory_id, require_model_dir
 
 INSTRUCTION = (
     "Rewrite this structured {image_type} report as a short free-text report of one to three sentences. "
@@ -46,19 +46,12 @@ class ReportWriter:
         batch_size: int = 8,
         device: str | None = None,
     ):
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"language model for reports not found: {model_dir / 'config.json'} does not exist "
-                "(medsyn never downloads; put a transformers model directory there, or use reports='template')"
-            )
+        model_dir = require_model_dir(model_dir, "language model for reports", "reports='template'")
         if variants < 1:
             raise ValueError(f"variants must be at least 1, got {variants}")
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.device, dtype = device_and_dtype(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.tokenizer.padding_side = "left"  # a decoder-only model continues each prompt from its end
         if self.tokenizer.pad_token is None:
