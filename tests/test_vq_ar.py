@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import write_tiny_dataset
+from tiny_models import tiny_vae, write_tiny_dataset
 
 from medsyn.data.dataset import read_records, split_records
 from medsyn.models.vq_ar import VQARPipeline, _filter_logits, build_text_tokenizer, named_terms, retrieve_clues
 from medsyn.sampling import generate, sample_class_prompts
-from medsyn.training.vq_ar import clue_bank, train_lm, train_vq
+from medsyn.training.vq_ar import clue_bank, train_lm, train_vq, vq_from_autoencoder
 
 TINY_VQ = {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4}
 TINY_LM = {"n_embd": 32, "n_layer": 2, "n_head": 2}
@@ -59,6 +59,41 @@ def test_the_spectral_term_reaches_the_tokenizer(tiny, tmp_path):
     assert spectral["l1_history"][1] != plain["l1_history"][1]  # another first update
 
 
+def test_a_tokenizer_started_from_an_autoencoder_is_that_autoencoder_before_quantisation():
+    vae = tiny_vae().eval()
+    with torch.no_grad():  # random weights everywhere, so a wrong fold or a dropped layer shows
+        for module in (vae.quant_conv, vae.post_quant_conv):
+            module.bias.normal_()
+        vq = vq_from_autoencoder(vae, codes=8).eval()
+        x = torch.rand(3, 3, 16, 16) * 2 - 1
+        mean = vae.encode(x).latent_dist.mean
+        latents = vq.encode(x).latents
+        assert latents.shape == mean.shape and torch.allclose(latents, mean, atol=1e-5)
+        assert torch.allclose(vq.decode(latents, force_not_quantize=True).sample, vae.decode(mean).sample, atol=1e-5)
+        # the log-variance rows are what the fold leaves out
+        assert not torch.allclose(latents, vae.encode(x).latent_dist.logvar, atol=1e-2)
+
+
+def test_train_vq_starts_from_an_autoencoder_directory(tiny, tmp_path):
+    from diffusers import VQModel
+
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    kw = {"steps": 3, "batch_size": 8, "codes": 16, "progress": False}
+    result = train_vq(tiny["data"], tmp_path / "vq", init_from=tmp_path / "vae", **kw)
+    model = VQModel.from_pretrained(result["vq_dir"], local_files_only=True)
+    assert model.config.vq_embed_dim == vae.config.latent_channels and model.config.num_vq_embeddings == 16
+    # the decoder's last layer moved from the autoencoder's, as training moves it
+    assert not torch.equal(model.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="either config"):
+        train_vq(tiny["data"], tmp_path / "both", init_from=tmp_path / "vae", config=TINY_VQ, **kw)
+    tiny_vae(sample_size=32).save_pretrained(tmp_path / "vae32")
+    with pytest.raises(ValueError, match="trained at 32 px"):
+        train_vq(tiny["data"], tmp_path / "size", init_from=tmp_path / "vae32", **kw)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        train_vq(tiny["data"], tmp_path / "none", init_from=tmp_path / "missing", **kw)
+
+
 def test_the_lm_learns_resumes_exactly_and_the_pipeline_reloads(tiny, tmp_path):
     vq_dir = tiny["vq"]["vq_dir"]
     straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=40, lr=3e-3, **LM)
@@ -87,6 +122,18 @@ def test_the_lm_learns_resumes_exactly_and_the_pipeline_reloads(tiny, tmp_path):
     )
     assert torch.equal(alone.codes[0], first.codes[1])  # an image's seed regenerates it on its own
     assert np.array_equal(pipeline.decode(first.codes).numpy(), first.images)
+
+
+def test_a_class_balanced_lm_resumes_exactly_and_draws_other_batches(tiny, tmp_path):
+    vq_dir = tiny["vq"]["vq_dir"]
+    straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=4, balance="class", **LM)
+    train_lm(tiny["data"], vq_dir, tmp_path / "resumed", steps=2, balance="class", **LM)
+    resumed = train_lm(tiny["data"], vq_dir, tmp_path / "resumed", steps=4, balance="class", **LM)
+    assert resumed["loss_history"] == straight["loss_history"][2:]
+    plain = train_lm(tiny["data"], vq_dir, tmp_path / "plain", steps=1, **LM)
+    assert plain["loss_history"][0] != straight["loss_history"][0]
+    with pytest.raises(ValueError, match="balance"):
+        train_lm(tiny["data"], vq_dir, tmp_path / "bad", steps=1, balance="classes", **LM)
 
 
 def test_the_sampler_returns_exactly_hw_image_codes_even_when_the_model_prefers_text(tiny, tmp_path):
@@ -230,7 +277,7 @@ def test_samples_follow_their_prompt(tiny, tmp_path):
     """Trained a little longer, the LM draws cyan bars for "A cyan bar." and red discs for "A red
     disc.": every bar sample is bluer than every disc sample (red minus blue, the colour that tells
     the two classes of the tiny data set apart)."""
-    result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=150, lr=3e-3, **LM)
+    result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=250, lr=3e-3, **LM)
     pipeline = VQARPipeline.from_pretrained(result["pipeline_dir"])
     seeds = [torch.Generator().manual_seed(i) for i in range(16)]
     images = pipeline(
