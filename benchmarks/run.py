@@ -1,4 +1,4 @@
-"""Every benchmark in one run (training step, sampling, nearest neighbours, FID features), one table
+"""Every benchmark in one run (training step, vq-ar's LM step, sampling, nearest neighbours, FID features), one table
 with each row's ratio to its baseline, written with its provenance and, with `--readme`, into the
 README's marked performance tables. One benchmark that fails is reported as a row and the others run.
 
@@ -13,7 +13,7 @@ import traceback
 
 import torch
 
-from benchmarks import fidelity_bootstrap, inception, nearest_neighbours, sampling, train_step
+from benchmarks import fidelity_bootstrap, inception, lm_step, nearest_neighbours, sampling, train_step
 from benchmarks.common import README, RESULTS_DIR, arguments, device_for, finish, row
 
 # the quick ones first: a run cut short still reports them
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "fidelity bootstrap": fidelity_bootstrap,
     "FID features": inception,
     "training step": train_step,
+    "lm step": lm_step,
     "sampling": sampling,
 }
 
@@ -64,7 +65,9 @@ def main() -> None:
     if args.readme:
         from medsyn.readme import write_readme_tables
 
-        used = write_readme_tables(README, README.parent, only=str(args.out.parent.relative_to(README.parent)))
+        used = write_readme_tables(
+            README, README.parent, only=str(args.out.resolve().parent.relative_to(README.parent))
+        )
         print(f"README: wrote {', '.join(used)}")
 
 
