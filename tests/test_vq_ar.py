@@ -70,8 +70,6 @@ def test_a_tokenizer_started_from_an_autoencoder_is_that_autoencoder_before_quan
         latents = vq.encode(x).latents
         assert latents.shape == mean.shape and torch.allclose(latents, mean, atol=1e-5)
         assert torch.allclose(vq.decode(latents, force_not_quantize=True).sample, vae.decode(mean).sample, atol=1e-5)
-        # the log-variance rows are what the fold leaves out
-        assert not torch.allclose(latents, vae.encode(x).latent_dist.logvar, atol=1e-2)
 
 
 def test_train_vq_starts_from_an_autoencoder_directory(tiny, tmp_path):
@@ -79,12 +77,14 @@ def test_train_vq_starts_from_an_autoencoder_directory(tiny, tmp_path):
 
     vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
-    kw = {"steps": 3, "batch_size": 8, "codes": 16, "progress": False}
+    kw = {"steps": 3, "batch_size": 8, "codes": 16, "lr": 1e-6, "progress": False}
     result = train_vq(tiny["data"], tmp_path / "vq", init_from=tmp_path / "vae", **kw)
-    model = VQModel.from_pretrained(result["vq_dir"], local_files_only=True)
+    model = VQModel.from_pretrained(result["vq_dir"], local_files_only=True).eval()
     assert model.config.vq_embed_dim == vae.config.latent_channels and model.config.num_vq_embeddings == 16
-    # the decoder's last layer moved from the autoencoder's, as training moves it
-    assert not torch.equal(model.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():  # three tiny steps later the encoder is still the autoencoder's, and has moved
+        difference = (model.encode(x).latents - vae.eval().encode(x).latent_dist.mean).abs().max()
+    assert 0 < difference < 1e-3
     with pytest.raises(ValueError, match="either config"):
         train_vq(tiny["data"], tmp_path / "both", init_from=tmp_path / "vae", config=TINY_VQ, **kw)
     tiny_vae(sample_size=32).save_pretrained(tmp_path / "vae32")

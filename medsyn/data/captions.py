@@ -407,10 +407,10 @@ def llm_reports(
     cache = CaptionCache(cache_path)
     model, variants = writer.model_id, max(1, int(getattr(writer, "variants", 1)))
     mine = [r for r in records if r["report_source"] == "vocabulary"]
-    key_of = [_report_key(r["report"], int(r["sha256"][:8], 16) % variants) for r in mine]
-    asked = {}  # key -> (template, image type, variant), each distinct rewrite once
-    for record, key in zip(mine, key_of, strict=True):
-        asked[key] = (record["report"], record["image_type"], int(record["sha256"][:8], 16) % variants)
+    variant_of = [int(r["sha256"][:8], 16) % variants for r in mine]
+    key_of = [_report_key(r["report"], variant) for r, variant in zip(mine, variant_of, strict=True)]
+    # key -> (template, image type, variant), each distinct rewrite once
+    asked = {key: (r["report"], r["image_type"], v) for r, key, v in zip(mine, key_of, variant_of, strict=True)}
     pending = {key: value for key, value in asked.items() if cache.get(key, model) is None}
     batch = max(1, getattr(writer, "batch_size", 8))
     with tqdm(total=len(pending), desc="reports (llm)", unit="report", disable=not progress) as bar:

@@ -130,25 +130,10 @@ def vq_from_autoencoder(vae, codes: int):
     3 x 3 convolution onto the means (the log-variance rows are dropped), so the code dimension is
     the autoencoder's latent channels; `quant_conv` is then the identity. Everything else is copied.
     The codebook is left for `EMACodebook.initialise` (k-means of the first batch's latents)."""
-    from diffusers import VQModel
-
     cfg = vae.config
     channels = cfg.latent_channels
-    vq = VQModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        sample_size=cfg.sample_size,
-        down_block_types=list(cfg.down_block_types),
-        up_block_types=list(cfg.up_block_types),
-        block_out_channels=list(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        act_fn=cfg.act_fn,
-        latent_channels=channels,
-        norm_num_groups=cfg.norm_num_groups,
-        mid_block_add_attention=cfg.mid_block_add_attention,
-        num_vq_embeddings=codes,
-        vq_embed_dim=channels,
-    )
+    shape = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "mid_block_add_attention")
+    vq = make_vq(cfg.sample_size, codes, {key: cfg[key] for key in shape})  # a block the VAE has not: load fails
     state = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "decoder.", "post_quant_conv."))}
     mean_rows = vae.quant_conv.weight[:channels, :, 0, 0]  # (L, 2L): the 1 x 1 convolution onto the means
     state["encoder.conv_out.weight"] = torch.einsum("lc,cikw->likw", mean_rows, vae.encoder.conv_out.weight)
