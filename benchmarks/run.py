@@ -1,6 +1,6 @@
-"""Every benchmark in one run (training step, vq-ar's LM step, sampling, nearest neighbours, FID features), one table
-with each row's ratio to its baseline, written with its provenance and, with `--readme`, into the
-README's marked performance tables. One benchmark that fails is reported as a row and the others run.
+"""Every benchmark in one run (training step, vq-ar's LM step, sampling, nearest neighbours, FID features,
+the bootstrap intervals of 06 and 08), one table with each row's ratio to its baseline, written with
+its provenance and, with `--readme`, into the README's marked performance tables. One benchmark that fails is reported as a row and the others run.
 
     python -m benchmarks.run --scale gpu --out benchmarks/results/gpu.csv --readme
     python -m benchmarks.run --scale cpu --out benchmarks/results/cpu.csv --readme   # 2 cores, minutes
@@ -13,13 +13,22 @@ import traceback
 
 import torch
 
-from benchmarks import fidelity_bootstrap, inception, lm_step, nearest_neighbours, sampling, train_step
+from benchmarks import (
+    downstream_bootstrap,
+    fidelity_bootstrap,
+    inception,
+    lm_step,
+    nearest_neighbours,
+    sampling,
+    train_step,
+)
 from benchmarks.common import README, RESULTS_DIR, arguments, device_for, finish, row
 
 # the quick ones first: a run cut short still reports them
 BENCHMARKS = {
     "nearest neighbours": nearest_neighbours,
     "fidelity bootstrap": fidelity_bootstrap,
+    "downstream bootstrap": downstream_bootstrap,
     "FID features": inception,
     "training step": train_step,
     "lm step": lm_step,

@@ -67,3 +67,27 @@ def test_the_judge_passes_real_images_and_fails_wrong_colour_or_lost_texture(tmp
     assert share_within(judge.ratios(blurred.astype(np.uint8), classes[tissue]), classes[tissue]) == 0
     with pytest.raises(ValueError, match="no real training images"):
         judge.ratios(images[:1], ["nowhere: nothing"])
+
+
+def test_class_statistics_match_a_class_by_class_computation():
+    # the bootstrap's fast grouping (one sort, one bincount) against np.median and np.mean per class,
+    # with string and integer classes, single-image classes and a class without a floor (NaN ratios)
+    from medsyn.intervals import macro_mean
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n, k = int(rng.integers(1, 120)), int(rng.integers(1, 12))
+        codes = rng.integers(0, k, n)
+        classes = np.array([f"class {c}" for c in codes])
+        ratios, correct = rng.gamma(2.0, 1.0, n), (rng.random(n) < 0.6).astype(float)
+        ratios[classes == classes[0]] = np.nan
+        names = np.unique(classes)
+        medians = np.array([np.median(ratios[classes == c]) for c in names])
+        medians = medians[~np.isnan(medians)]
+        for labels in (classes, codes):
+            if len(medians):
+                assert median_ratio(ratios, labels) == pytest.approx(np.median(medians))
+                assert share_within(ratios, labels) == pytest.approx(np.mean(medians <= 2.0))
+            else:
+                assert np.isnan(median_ratio(ratios, labels)) and np.isnan(share_within(ratios, labels))
+            assert macro_mean(correct, labels) == pytest.approx(np.mean([correct[classes == c].mean() for c in names]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medsyn.intervals import bootstrap_interval, macro_accuracy
+from medsyn.intervals import bootstrap_interval, macro_mean
 from medsyn.records import save_figure, save_table
 
 
@@ -138,15 +138,15 @@ def clue_guidance_ablation(
     rows = []
     for clues, scale in conditions:
         mine = correct[(clues, scale)]
-        accuracy = macro_accuracy(mine, wanted)
+        accuracy = macro_mean(mine, wanted)
         low, high = bootstrap_interval(
-            lambda i, mine=mine: macro_accuracy(mine[i], wanted[i]), (len(mine),), resamples, seed, bounds=(0, 1)
+            lambda i, mine=mine: macro_mean(mine[i], wanted[i]), (len(mine),), resamples, seed, bounds=(0, 1)
         )
-        difference = accuracy - macro_accuracy(full, wanted)
+        difference = accuracy - macro_mean(full, wanted)
         d_low, d_high = (0.0, 0.0)
         if (clues, scale) != conditions[0]:
             d_low, d_high = bootstrap_interval(
-                lambda i, mine=mine: macro_accuracy(mine[i], wanted[i]) - macro_accuracy(full[i], wanted[i]),
+                lambda i, mine=mine: macro_mean(mine[i], wanted[i]) - macro_mean(full[i], wanted[i]),
                 (len(mine),),
                 resamples,
                 seed,

@@ -119,8 +119,16 @@ class ColourTextureJudge:
 
 def _class_medians(ratios: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Each class's median ratio, for the classes that have a floor (held-out real images)."""
-    classes = np.asarray(classes)
-    medians = np.array([np.median(ratios[classes == c]) for c in np.unique(classes)])
+    ratios = np.asarray(ratios, np.float64)
+    _, inverse = np.unique(np.asarray(classes), return_inverse=True)
+    # one sort by class, then by ratio; each class's median from the middle of its run (a class whose
+    # ratios hold a NaN has no median, as np.median says)
+    order = np.lexsort((ratios, inverse))
+    values, groups = ratios[order], inverse[order]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    counts = np.diff(np.r_[starts, len(groups)])
+    medians = 0.5 * (values[starts + (counts - 1) // 2] + values[starts + counts // 2])
+    medians[np.bincount(inverse, weights=np.isnan(ratios)) > 0] = np.nan
     return medians[~np.isnan(medians)]
 
 

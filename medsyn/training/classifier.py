@@ -59,11 +59,13 @@ def _inputs(images: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, multilabel: bool, batch_size: int = 64) -> np.ndarray:
-    """Sigmoid (multi-label) or softmax (multi-class) scores of uint8 N x H x W x 3 images."""
+def predict(model: nn.Module, images: np.ndarray | torch.Tensor, multilabel: bool, batch_size: int = 64) -> np.ndarray:
+    """Sigmoid (multi-label) or softmax (multi-class) scores of uint8 N x H x W x 3 images, or of
+    their `_inputs` (converted once by a caller that scores the same images every epoch)."""
     model.eval()
-    logits = torch.cat([model(_inputs(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    x = images if isinstance(images, torch.Tensor) else _inputs(images)
+    with torch.inference_mode():
+        logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).numpy()
 
 
@@ -108,6 +110,7 @@ def train_classifier(
     y = torch.from_numpy(targets) if multilabel else torch.from_numpy(targets).long()
     generator = torch.Generator().manual_seed(seed)
     best, best_state, history, losses = -1.0, None, [], []
+    val_inputs = _inputs(val_images)  # scored after every epoch
     for _ in tqdm(range(epochs), desc=architecture, unit="epoch", disable=not progress):
         model.train()
         order, total = torch.randperm(len(images), generator=generator), 0.0
@@ -122,7 +125,7 @@ def train_classifier(
             optimizer.step()
             total += loss.item() * len(index)
         losses.append(total / len(images))
-        history.append(validation_metric(val_targets, predict(model, val_images, multilabel)))
+        history.append(validation_metric(val_targets, predict(model, val_inputs, multilabel)))
         if history[-1] > best:
             best, best_state = history[-1], {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
