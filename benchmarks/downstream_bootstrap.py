@@ -68,15 +68,17 @@ def measure(args, rows: list | None = None) -> list[dict]:
     model = f"{s['images']} test images × {s['classes']} classes, {s['replicates']} replicates"
     rows = [] if rows is None else rows
     intervals = {}
+
+    def medsyn_interval() -> tuple[float, float]:
+        result = paired_bootstrap(targets, a, b, False, s["resamples"])
+        return result["low"], result["high"]
+
     for variant, compute in (
         (
             "baseline: every resample's rows ranked (scipy rankdata)",
             lambda: ranked_bootstrap(targets, a, b, s["resamples"]),
         ),
-        (
-            "medsyn: draw counts as weights, scores sorted once",
-            lambda: (lambda r: (r["low"], r["high"]))(paired_bootstrap(targets, a, b, False, s["resamples"])),
-        ),
+        ("medsyn: draw counts as weights, scores sorted once", medsyn_interval),
     ):
         began = time.perf_counter()
         intervals[variant] = compute()
