@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from medsyn.metrics import frechet_distance
-from medsyn.metrics.fidelity import KernelDistanceOfDraws, feature_statistics, kernel_distance
+from medsyn.metrics.fidelity import (
+    FrechetDistanceOfDraws,
+    KernelDistanceOfDraws,
+    PrecisionRecallOfDraws,
+    feature_statistics,
+    kernel_distance,
+    precision_recall,
+    trace_sqrt_product,
+)
 from medsyn.metrics.privacy import nearest_neighbours, tiled_l2
 
 
@@ -63,6 +71,50 @@ def test_kid_of_bootstrap_draws_from_precomputed_kernels_equals_torch_fidelitys_
     # the draws matter: another draw of the generated rows gives another value
     r, g = np.arange(90), np.arange(70)
     assert kid(r, g, subsets=10)[0] != pytest.approx(kid(r, rng.integers(0, 70, 70), subsets=10)[0], rel=1e-3)
+
+
+def test_trace_sqrt_product_is_the_trace_of_scipys_matrix_square_root():
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(3)
+    for rows, dimensions in ((200, 8), (40, 12), (5, 12)):  # the last: Σ₁ singular (fewer rows than dimensions)
+        a, b = rng.normal(size=(rows, dimensions)), rng.normal(0.3, 1.4, size=(rows + 7, dimensions))
+        sigma1, sigma2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        expected = np.trace(sqrtm(sigma1 @ sigma2)).real
+        assert trace_sqrt_product(sigma1, sigma2) == pytest.approx(expected, rel=1e-7)
+
+
+def test_frechet_distance_of_draws_equals_torch_fidelitys_on_the_drawn_rows():
+    rng = np.random.default_rng(4)
+    generated, real = rng.normal(0.2, 1.1, size=(70, 16)), rng.normal(size=(90, 16))
+    fd = FrechetDistanceOfDraws(generated, real)
+    for _ in range(10):
+        g, r = rng.integers(0, 70, 70), rng.integers(0, 90, 90)  # rows drawn with replacement
+        expected = frechet_distance(*feature_statistics(generated[g]), *feature_statistics(real[r]))
+        assert fd(g, r) == pytest.approx(expected, rel=1e-9)
+    assert abs(FrechetDistanceOfDraws(real, real)(np.arange(90), np.arange(90))) < 1e-9
+    with pytest.raises(ValueError, match="feature shapes"):
+        FrechetDistanceOfDraws(generated[:, :3], real)
+
+
+def test_precision_recall_of_draws_equals_torch_fidelitys_on_the_drawn_rows():
+    """Bit for bit, with rows drawn several times (a repeated row is its own nearest neighbour) and
+    clustered features whose balls overlap only in part."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(6, 8))
+    real = centres[rng.integers(0, 6, 60)] + 0.5 * rng.normal(size=(60, 8))
+    generated = centres[rng.integers(0, 6, 45)] + 0.7 * rng.normal(size=(45, 8)) + 0.3
+    manifolds = PrecisionRecallOfDraws(real, generated)
+    seen = set()
+    for _ in range(40):
+        r, g = rng.integers(0, 60, 60), rng.integers(0, 45, 45)
+        expected = precision_recall(real[r], generated[g])
+        assert manifolds(r, g) == expected
+        seen.add((expected["precision"], expected["recall"]))
+    assert len(seen) > 10  # the draws matter
+    assert manifolds(np.arange(60), np.arange(45)) == precision_recall(real, generated)
+    with pytest.raises(ValueError, match="more than 3"):
+        PrecisionRecallOfDraws(real[:3], generated)
 
 
 def _tiled_l2_plain(a, b, grid):

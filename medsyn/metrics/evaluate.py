@@ -23,13 +23,12 @@ from medsyn.data.dataset import class_key, class_prompts, image_path, load_rgb, 
 from medsyn.intervals import bootstrap_interval, macro_mean, resolved
 from medsyn.metrics.colour import ColourTextureJudge, median_ratio, share_within
 from medsyn.metrics.fidelity import (
+    FrechetDistanceOfDraws,
     KernelDistanceOfDraws,
-    feature_statistics,
-    frechet_distance,
+    PrecisionRecallOfDraws,
     inception_features,
     inception_weights,
     ms_ssim_pairs,
-    precision_recall,
 )
 from medsyn.metrics.niqe import niqe
 
@@ -112,28 +111,24 @@ def _set_measures(features, real_features, inception, real_inception, niqes, sco
     rows) for the two-set metrics, rows for the per-image ones, pairs for MS-SSIM."""
     kid = KernelDistanceOfDraws(real_features, features)
     two = {
-        "FD_domain_clip": lambda g, r: frechet_distance(
-            *feature_statistics(features[g]), *feature_statistics(real_features[r])
-        ),
+        "FD_domain_clip": FrechetDistanceOfDraws(features, real_features),
         "KID_domain_clip": lambda g, r: kid(r, g, subsets=10)[0],
     }
     if len(features) > 3:
         # precision and recall come from one computation; their bootstraps draw the same rows (one seed)
-        measured = {}
+        manifolds, measured = PrecisionRecallOfDraws(real_features, features), {}
 
         def precision_and_recall(g, r):
             key = hashlib.blake2b(g.tobytes() + b"|" + r.tobytes(), digest_size=16).digest()
             if key not in measured:
-                measured[key] = precision_recall(real_features[r], features[g])
+                measured[key] = manifolds(r, g)
             return measured[key]
 
         two["precision"] = lambda g, r: precision_and_recall(g, r)["precision"]
         two["recall"] = lambda g, r: precision_and_recall(g, r)["recall"]
     if inception is not None:
         inception_kid = KernelDistanceOfDraws(real_inception, inception)
-        two["FID"] = lambda g, r: frechet_distance(
-            *feature_statistics(inception[g]), *feature_statistics(real_inception[r])
-        )
+        two["FID"] = FrechetDistanceOfDraws(inception, real_inception)
         two["KID_inception"] = lambda g, r: inception_kid(r, g, subsets=10)[0]
     one = {
         "NIQE_generated": lambda i: float(niqes[i].mean()),
