@@ -93,6 +93,21 @@ def test_frechet_distance_of_draws_equals_torch_fidelitys_on_the_drawn_rows():
         expected = frechet_distance(*feature_statistics(generated[g]), *feature_statistics(real[r]))
         assert fd(g, r) == pytest.approx(expected, rel=1e-9)
     assert abs(FrechetDistanceOfDraws(real, real)(np.arange(90), np.arange(90))) < 1e-9
+    # fewer drawn rows than dimensions: the trace from the rows' cross products, singular covariances
+    wide_generated, wide_real = rng.normal(0.1, 1.2, size=(12, 40)), rng.normal(size=(15, 40))
+    wide = FrechetDistanceOfDraws(wide_generated, wide_real)
+    for _ in range(10):
+        g, r = rng.integers(0, 12, 12), rng.integers(0, 15, 15)
+        a, b = wide_generated[g] - wide_generated[g].mean(axis=0), wide_real[r] - wide_real[r].mean(axis=0)
+        mean_gap = wide_generated[g].mean(axis=0) - wide_real[r].mean(axis=0)
+        # the eigenvalues of Σ₁Σ₂ from those of (A Bᵀ)(A Bᵀ)ᵀ / ((n₁ - 1)(n₂ - 1)), by eigvalsh (centred
+        # rows leave one eigenvalue at 0, whose rounding its square root lifts to about 1e-7)
+        product = (a @ b.T) @ (a @ b.T).T / ((len(a) - 1) * (len(b) - 1))
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh(product), 0, None)).sum()
+        traces = np.trace(np.cov(a, rowvar=False)) + np.trace(np.cov(b, rowvar=False))
+        assert wide(g, r) == pytest.approx(mean_gap @ mean_gap + traces - 2 * cross, rel=1e-8)
+        torch_fidelitys = frechet_distance(*feature_statistics(wide_generated[g]), *feature_statistics(wide_real[r]))
+        assert wide(g, r) == pytest.approx(torch_fidelitys, rel=1e-7)  # rounding of its near-zero eigenvalues
     with pytest.raises(ValueError, match="feature shapes"):
         FrechetDistanceOfDraws(generated[:, :3], real)
 

@@ -85,8 +85,12 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 class FrechetDistanceOfDraws:
     """`frechet_distance` of the rows `g` of `generated` against the rows `r` of `real`, for the many
     index draws of a bootstrap: the mean and covariance of the drawn rows as `feature_statistics`
-    computes them, the trace of the square root from a symmetric eigenproblem
-    (`trace_sqrt_product`). Equal to `frechet_distance` of the drawn rows up to rounding (tested)."""
+    computes them and the trace of the square root from a symmetric eigenproblem
+    (`trace_sqrt_product`). With no more drawn rows than dimensions (a small set, or 2,048 Inception
+    dimensions) the covariances are singular and the trace comes from the rows instead: with A, B the
+    centred rows, the non-zero eigenvalues of Σ₁Σ₂ are the squared singular values of A Bᵀ over
+    (n₁ − 1)(n₂ − 1), so tr((Σ₁Σ₂)^½) = ‖A Bᵀ‖_* / √((n₁ − 1)(n₂ − 1)), an n₁ × n₂ problem in place
+    of a D × D one. Equal to `frechet_distance` of the drawn rows up to rounding (tested)."""
 
     def __init__(self, generated: np.ndarray, real: np.ndarray):
         self.generated, self.real = np.asarray(generated, np.float64), np.asarray(real, np.float64)
@@ -94,10 +98,16 @@ class FrechetDistanceOfDraws:
             raise ValueError(f"feature shapes differ: {self.generated.shape[1:]} and {self.real.shape[1:]}")
 
     def __call__(self, g: np.ndarray, r: np.ndarray) -> float:
-        mu1, sigma1 = feature_statistics(self.generated[g])
-        mu2, sigma2 = feature_statistics(self.real[r])
+        a, b = self.generated[g], self.real[r]
+        difference = a.mean(axis=0) - b.mean(axis=0)
+        if min(len(a), len(b)) <= a.shape[1]:
+            a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+            scale = (len(a) - 1) * (len(b) - 1)
+            cross = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(scale)
+            traces = (a * a).sum() / (len(a) - 1) + (b * b).sum() / (len(b) - 1)
+            return float(difference @ difference + traces - 2 * cross)
+        (_, sigma1), (_, sigma2) = feature_statistics(a), feature_statistics(b)
         sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-        difference = mu1 - mu2
         return float(
             difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
         )
