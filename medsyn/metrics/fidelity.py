@@ -3,7 +3,10 @@ the features are InceptionV3's pool3, "FD_<encoder>" for any other encoder), the
 distance (KID, Bińkowski et al. 2018; unbiased, for small sample counts), improved precision and
 recall (Kynkäänniemi et al. 2019) and MS-SSIM diversity. The arithmetic is torch-fidelity's
 (Obukhov et al.), the standard the FID literature is compared on; its TF-compatible InceptionV3 loads
-from a local file only (`inception_weights`), never from the network.
+from a local file only (`inception_weights`), never from the network. For the thousands of index
+draws of a bootstrap, `FrechetDistanceOfDraws`, `KernelDistanceOfDraws` and `PrecisionRecallOfDraws`
+give torch-fidelity's numbers on the drawn rows (tested against it) from what is computed once per
+pair of sets.
 """
 
 from pathlib import Path
