@@ -10,11 +10,13 @@ from medsyn.training.common import (
     diffusion_target,
     draw_batch,
     drawn_indices,
+    make_lr_schedule,
     min_snr_weights,
     sample_noise,
     spectral_distance,
     step_generator,
     structural_dissimilarity,
+    training_recipe,
 )
 
 
@@ -156,3 +158,32 @@ def test_spectral_distance_compares_amplitude_spectra_and_charges_blur_not_displ
     assert float(spectral_distance(moved, texture)) == pytest.approx(0.0, abs=1e-5)
     assert float(spectral_distance(blurred, texture)) > 0.2
     assert float((moved - texture).abs().mean()) > float((blurred - texture).abs().mean())  # L1 says the opposite
+
+
+def test_the_lr_schedules_warm_up_then_hold_or_follow_half_a_cosine_to_zero():
+    def rates(name, warmup, steps):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        schedule = make_lr_schedule(optimizer, name, warmup, steps)
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return np.array(out)
+
+    constant = rates("constant", 4, 20)
+    assert np.allclose(constant[:4], [0.0, 0.5, 1.0, 1.5]) and np.allclose(constant[4:], 2.0)
+    cosine = rates("cosine", 4, 20)
+    assert np.allclose(cosine[:4], constant[:4])
+    step = np.arange(4, 20)
+    assert np.allclose(cosine[4:], 2.0 * 0.5 * (1 + np.cos(np.pi * (step - 4) / 16)))  # written out by hand
+    assert cosine[-1] < 0.05 and np.all(np.diff(cosine[4:]) < 0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        make_lr_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "linear", 0, 10)
+
+
+def test_a_decaying_schedule_keeps_the_step_count_in_the_recipe():
+    # under a constant rate more steps continue a run; under a decay the step count is its length
+    assert "steps" not in training_recipe({"steps": 10, "lr": 1e-3, "lr_schedule": "constant"})
+    assert "steps" not in training_recipe({"steps": 10, "lr": 1e-3})
+    assert training_recipe({"steps": 10, "lr": 1e-3, "lr_schedule": "cosine"})["steps"] == 10

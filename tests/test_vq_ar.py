@@ -136,6 +136,25 @@ def test_a_class_balanced_lm_resumes_exactly_and_draws_other_batches(tiny, tmp_p
         train_lm(tiny["data"], vq_dir, tmp_path / "bad", steps=1, balance="classes", **LM)
 
 
+def test_an_lm_on_a_cosine_schedule_resumes_exactly_after_an_interruption_and_not_at_another_length(tiny, tmp_path):
+    import shutil
+
+    from medsyn.training.common import RecipeMismatchError
+
+    vq_dir, cosine = tiny["vq"]["vq_dir"], {**LM, "lr_schedule": "cosine", "lr_warmup_steps": 2}
+    straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=8, checkpoint_every=4, **cosine)
+    constant = train_lm(tiny["data"], vq_dir, tmp_path / "constant", steps=8, **{**cosine, "lr_schedule": "constant"})
+    assert straight["loss_history"][:2] == constant["loss_history"][:2]  # the same warm-up
+    assert straight["loss_history"][4:] != constant["loss_history"][4:]  # then another rate
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "step_0000004", tmp_path / "cut" / "checkpoints" / "step_0000004"
+    )
+    resumed = train_lm(tiny["data"], vq_dir, tmp_path / "cut", steps=8, checkpoint_every=4, **cosine)
+    assert resumed["loss_history"] == straight["loss_history"][4:]
+    with pytest.raises(RecipeMismatchError, match="steps"):
+        train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=12, **cosine)
+
+
 def test_the_sampler_returns_exactly_hw_image_codes_even_when_the_model_prefers_text(tiny, tmp_path):
     result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=2, **LM)
     pipeline = VQARPipeline.from_pretrained(result["pipeline_dir"])

@@ -383,13 +383,35 @@ NOT_RECIPE = (
 
 def training_recipe(arguments: dict) -> dict:
     """The recipe a run's checkpoints record and a resumed run must repeat: the training loop's
-    arguments (call with `locals()` first thing in the loop) but paths and `NOT_RECIPE`, as JSON values."""
+    arguments (call with `locals()` first thing in the loop) but paths and `NOT_RECIPE`, as JSON values.
+    Under a decaying LR schedule the step count is the schedule's length, so it stays in the recipe."""
+    decays = arguments.get("lr_schedule", "constant") != "constant"
     return json.loads(
         json.dumps(
-            {k: v for k, v in arguments.items() if k not in NOT_RECIPE and not k.endswith(("_dir", "_path"))},
+            {
+                k: v
+                for k, v in arguments.items()
+                if (k not in NOT_RECIPE or (k == "steps" and decays)) and not k.endswith(("_dir", "_path"))
+            },
             default=str,
         )
     )
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_lr_schedule(optimizer, name: str, warmup_steps: int, steps: int):
+    """The LR schedule of a training loop (diffusers' `get_scheduler`): a linear warm-up over
+    `warmup_steps`, then 'constant' or 'cosine' (half a cosine from the peak to 0 at `steps`;
+    Loshchilov & Hutter 2017)."""
+    from diffusers.optimization import get_scheduler
+
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {name!r}")
+    if name == "constant":
+        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
 
 
 def save_checkpoint(accelerator, checkpoint_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:

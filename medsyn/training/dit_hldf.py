@@ -52,6 +52,7 @@ from medsyn.training.common import (
     draw_batch,
     ema_weights,
     make_accelerator,
+    make_lr_schedule,
     merge_adapters,
     micro_batch_size,
     min_snr_weights,
@@ -197,6 +198,7 @@ def train_dit(
     gradient_accumulation_steps: int = 1,
     lr: float = 2e-5,
     lr_warmup_steps: int = 0,
+    lr_schedule: str = "constant",
     lora_rank: int | None = None,
     lora_alpha: float | None = None,
     ema_decay: float | None = 0.999,
@@ -240,6 +242,7 @@ def train_dit(
         steps, batch_size, gradient_accumulation_steps: optimizer steps; images per optimizer step over
             all processes and micro-batches; micro-batches per step.
         lr, lr_warmup_steps: AdamW learning rate (PixArt-α's fine-tuning 2e-5), constant after warm-up.
+        lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         lora_rank, lora_alpha: train LoRA adapters of this rank and scale (default: the rank) on the attention
             projections only (None: all weights).
         ema_decay: EMA of the trained weights, saved instead of the raw weights (None: no EMA).
@@ -266,7 +269,6 @@ def train_dit(
     recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
     if (vae_dir is None) == (pretrained_dir is None):
@@ -327,7 +329,7 @@ def train_dit(
     conditions = transformer.config.sample_size == 128
     ema = EMAModel(trainable, decay=ema_decay) if ema_decay else None
     optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
+    lr_scheduler = make_lr_schedule(optimizer, lr_schedule, lr_warmup_steps, steps)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     if ema:
         accelerator.register_for_checkpointing(ema)

@@ -30,6 +30,7 @@ from medsyn.training.common import (
     drawn_indices,
     ema_weights,
     make_accelerator,
+    make_lr_schedule,
     micro_batch_size,
     min_snr_weights,
     optimizer_step,
@@ -297,6 +298,7 @@ def train_unet(
     gradient_accumulation_steps: int = 1,
     lr: float = 1e-3,
     lr_warmup_steps: int = 100,
+    lr_schedule: str = "constant",
     ema_decay: float = 0.999,
     prediction_type: str = "v_prediction",
     snr_gamma: float | None = 5.0,
@@ -329,6 +331,7 @@ def train_unet(
         steps: optimizer steps; batch_size: images per optimizer step over all processes and
             accumulation steps; gradient_accumulation_steps: micro-batches per optimizer step.
         lr, lr_warmup_steps: AdamW learning rate, constant after a linear warm-up.
+        lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         ema_decay: EMA decay of the saved weights.
         prediction_type: 'v_prediction' (default) or 'epsilon'.
         snr_gamma: Min-SNR γ; None for plain MSE.
@@ -352,7 +355,6 @@ def train_unet(
     recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
     out_dir = Path(out_dir)
@@ -394,7 +396,7 @@ def train_unet(
     trainable = list(unet.parameters())
     ema = EMAModel(trainable, decay=ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
     optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
+    lr_scheduler = make_lr_schedule(optimizer, lr_schedule, lr_warmup_steps, steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(ema)
     start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)

@@ -28,6 +28,7 @@ from medsyn.training.common import (
     draw_batch,
     ema_weights,
     make_accelerator,
+    make_lr_schedule,
     merge_adapters,
     micro_batch_size,
     min_snr_weights,
@@ -85,6 +86,7 @@ def finetune_unet(
     gradient_accumulation_steps: int = 1,
     lr: float = 1e-5,
     lr_warmup_steps: int = 0,
+    lr_schedule: str = "constant",
     lora_rank: int | None = None,
     lora_alpha: float | None = None,
     ema_decay: float | None = None,
@@ -123,6 +125,7 @@ def finetune_unet(
         steps: optimizer steps; batch_size: images per optimizer step over all processes and
             accumulation steps; gradient_accumulation_steps: micro-batches per optimizer step.
         lr, lr_warmup_steps: AdamW learning rate, constant after an optional linear warm-up.
+        lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         lora_rank, lora_alpha: LoRA rank (None: train the whole U-Net) and scale (default: the rank).
         ema_decay: EMA of the trained weights, saved instead of the raw weights (None: no EMA).
         snr_gamma: Min-SNR γ; None for plain MSE (MediSyn).
@@ -154,7 +157,6 @@ def finetune_unet(
     recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
     out_dir = Path(out_dir)
@@ -205,7 +207,7 @@ def finetune_unet(
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     ema = EMAModel(trainable, decay=ema_decay) if ema_decay else None
     optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
+    lr_scheduler = make_lr_schedule(optimizer, lr_schedule, lr_warmup_steps, steps)
     if compile_mode:
         compile_repeated_blocks(unet, compile_mode)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)

@@ -32,6 +32,7 @@ from medsyn.training.common import (
     discriminator_step,
     drawn_indices,
     make_accelerator,
+    make_lr_schedule,
     optimizer_step,
     progress_bar,
     resume_step,
@@ -409,6 +410,7 @@ def train_lm(
     batch_size: int = 32,
     lr: float = 1e-3,
     lr_warmup_steps: int = 100,
+    lr_schedule: str = "constant",
     caption_dropout: float = 0.1,
     clue_dropout: float = 0.0,
     balance: str = "none",
@@ -434,7 +436,8 @@ def train_lm(
             bank's terms are the vocabularies' anatomy, pathology and normal terms that the training
             reports name; else the label terms. Sampling (`medsyn.sampling`) prompts with the same
             field (`VQARPipeline.prompt_field`).
-        steps, batch_size, lr, lr_warmup_steps: AdamW steps, sequences per step, constant LR after warm-up.
+        steps, batch_size, lr, lr_warmup_steps: AdamW steps, sequences per step, peak LR and its warm-up.
+        lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         caption_dropout: share of sequences whose prompt and clues are replaced by padding.
         clue_dropout: share of the other sequences whose clues alone are left out (`<clue>` then
             padding), so that the model also samples without clues (the clue ablation of `04`).
@@ -448,7 +451,6 @@ def train_lm(
     recipe = training_recipe(locals())
     from accelerate.utils import set_seed
     from diffusers import VQModel
-    from diffusers.optimization import get_scheduler
 
     out_dir = Path(out_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision)
@@ -503,7 +505,7 @@ def train_lm(
 
     lm.train()
     optimizer = adamw(list(lm.parameters()), lr=lr, weight_decay=1e-2)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=lr_warmup_steps)
+    lr_scheduler = make_lr_schedule(optimizer, lr_schedule, lr_warmup_steps, steps)
     lm, optimizer, lr_scheduler = accelerator.prepare(lm, optimizer, lr_scheduler)
     start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
