@@ -3,6 +3,8 @@ VQModel, the LM's loss drops and resume is bitwise, the sampler returns exactly 
 whatever the model prefers, a seed gives the same codes and pixels, the clue bank sees training
 images only, and `medsyn sample` treats the pipeline like any other."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,15 @@ def test_an_lm_on_a_cosine_schedule_resumes_exactly_after_an_interruption_and_no
     assert resumed["loss_history"] == straight["loss_history"][4:]
     with pytest.raises(RecipeMismatchError, match="steps"):
         train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=12, **cosine)
+    # a checkpoint written before the loops had `lr_schedule` was trained at a constant rate
+    state = tmp_path / "constant" / "checkpoints" / "step_0000008" / "trainer_state.json"
+    written = json.loads(state.read_text())
+    del written["recipe"]["lr_schedule"]
+    state.write_text(json.dumps(written))
+    with pytest.raises(RecipeMismatchError, match="lr_schedule"):
+        train_lm(tiny["data"], vq_dir, tmp_path / "constant", steps=8, **cosine)
+    more = train_lm(tiny["data"], vq_dir, tmp_path / "constant", steps=9, **{**cosine, "lr_schedule": "constant"})
+    assert len(more["loss_history"]) == 1
 
 
 def test_the_sampler_returns_exactly_hw_image_codes_even_when_the_model_prefers_text(tiny, tmp_path):

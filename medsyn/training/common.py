@@ -447,6 +447,11 @@ class RecipeMismatchError(ValueError):
     """A run would resume checkpoints trained with another recipe."""
 
 
+# recipe keys that the loops gained after checkpoints had been written, with what a checkpoint that
+# lacks one was trained with: such a checkpoint resumes under that value and no other
+ADDED_RECIPE_KEYS = {"lr_schedule": "constant"}
+
+
 def resume_step(accelerator, checkpoint_dir: str | Path, resume: bool | str, recipe: dict | None = None) -> int:
     """The step a loop starts from: that of the newest checkpoint that loads, restored into the
     accelerator (models, optimizer, LR scheduler, EMA, RNG states), or 0.
@@ -471,6 +476,8 @@ def resume_step(accelerator, checkpoint_dir: str | Path, resume: bool | str, rec
     candidates = complete_checkpoints(checkpoint_dir) if resume else []
     if candidates and recipe is not None:
         saved = json.loads((candidates[0] / "trainer_state.json").read_text()).get("recipe")
+        if saved is not None:
+            saved = {**{k: v for k, v in ADDED_RECIPE_KEYS.items() if k in recipe}, **saved}
         keys = (set(saved or {}) | set(recipe)) - {"recipe_overridden"}
         differing = (
             {k: (saved.get(k), recipe.get(k)) for k in sorted(keys) if saved.get(k) != recipe.get(k)}

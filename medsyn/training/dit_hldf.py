@@ -241,7 +241,7 @@ def train_dit(
         config: PixArtTransformer2DModel overrides of `TRANSFORMER_CONFIG` (compact only).
         steps, batch_size, gradient_accumulation_steps: optimizer steps; images per optimizer step over
             all processes and micro-batches; micro-batches per step.
-        lr, lr_warmup_steps: AdamW learning rate (PixArt-α's fine-tuning 2e-5), constant after warm-up.
+        lr, lr_warmup_steps: AdamW peak learning rate (PixArt-α's fine-tuning 2e-5) and its warm-up steps.
         lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         lora_rank, lora_alpha: train LoRA adapters of this rank and scale (default: the rank) on the attention
             projections only (None: all weights).

@@ -330,7 +330,7 @@ def train_unet(
         config: UNet2DConditionModel overrides of `UNET_CONFIG`.
         steps: optimizer steps; batch_size: images per optimizer step over all processes and
             accumulation steps; gradient_accumulation_steps: micro-batches per optimizer step.
-        lr, lr_warmup_steps: AdamW learning rate, constant after a linear warm-up.
+        lr, lr_warmup_steps: AdamW peak learning rate and the steps of its linear warm-up.
         lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         ema_decay: EMA decay of the saved weights.
         prediction_type: 'v_prediction' (default) or 'epsilon'.

@@ -124,7 +124,7 @@ def finetune_unet(
         out_dir: checkpoints, caches, validation grids, `pipeline/` (and `lora/`).
         steps: optimizer steps; batch_size: images per optimizer step over all processes and
             accumulation steps; gradient_accumulation_steps: micro-batches per optimizer step.
-        lr, lr_warmup_steps: AdamW learning rate, constant after an optional linear warm-up.
+        lr, lr_warmup_steps: AdamW peak learning rate and the steps of an optional linear warm-up.
         lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         lora_rank, lora_alpha: LoRA rank (None: train the whole U-Net) and scale (default: the rank).
         ema_decay: EMA of the trained weights, saved instead of the raw weights (None: no EMA).
