@@ -138,7 +138,9 @@ def test_a_class_balanced_lm_resumes_exactly_and_draws_other_batches(tiny, tmp_p
         train_lm(tiny["data"], vq_dir, tmp_path / "bad", steps=1, balance="classes", **LM)
 
 
-def test_an_lm_on_a_cosine_schedule_resumes_exactly_after_an_interruption_and_not_at_another_length(tiny, tmp_path):
+def test_a_cosine_lm_resumes_exactly_not_at_another_length_and_an_older_checkpoint_as_constant(tiny, tmp_path):
+    """A cosine schedule resumes bitwise after an interruption and refuses another length; a checkpoint
+    without `lr_schedule` in its recipe (written before the loops had it) resumes as constant only."""
     import shutil
 
     from medsyn.training.common import RecipeMismatchError
