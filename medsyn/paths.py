@@ -37,3 +37,9 @@ def open_notebook_name() -> str | None:
     to the notebook's path); None outside JupyterLab."""
     value = os.environ.get("JPY_SESSION_NAME")
     return Path(value).stem if value else None
+
+
+def environment_with(**variables: str) -> dict:
+    """This process's environment with `variables` set, for a process medsyn starts (for example
+    `OMP_NUM_THREADS` for each of several training processes)."""
+    return {**os.environ, **variables}

@@ -126,6 +126,31 @@ def test_the_lm_learns_resumes_exactly_and_the_pipeline_reloads(tiny, tmp_path):
     assert np.array_equal(pipeline.decode(first.codes).numpy(), first.images)
 
 
+def test_two_launched_processes_train_the_lm_one_process_trains(tiny, tmp_path, capsys):
+    """`in_processes` (04's `lm_processes`): two gloo processes on halves of each batch give the weights
+    and the loss history of one process, up to the order of floating-point sums in the all-reduce; the
+    progress bar reaches the notebook; a failure in the processes is raised with their message."""
+    from medsyn.training.processes import in_processes
+
+    vq_dir = tiny["vq"]["vq_dir"]
+    # without dropout, whose masks are each process's own draws
+    lm = {**LM, "config": {**TINY_LM, "resid_pdrop": 0.0, "embd_pdrop": 0.0}, "lr": 3e-3, "steps": 6}
+    one = train_lm(tiny["data"], vq_dir, tmp_path / "one", **lm)
+    two = in_processes(train_lm, 2, tiny["data"], vq_dir, tmp_path / "two", **{**lm, "progress": True})
+    assert "lm: 100%" in capsys.readouterr().err
+    assert two["pipeline_dir"] == str(tmp_path / "two" / "pipeline")
+    assert len(two["loss_history"]) == 6
+    assert np.allclose(two["loss_history"], one["loss_history"], rtol=0, atol=1e-5), (two, one)
+    a = load_file(tmp_path / "one" / "pipeline" / "lm" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "pipeline" / "lm" / "model.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < worst < 1e-4, worst  # two processes did run (not bitwise one), and agree
+    with pytest.raises(RuntimeError, match="batch_size 7 must split evenly over 2 processes"):
+        in_processes(train_lm, 2, tiny["data"], vq_dir, tmp_path / "odd", **{**lm, "batch_size": 7})
+    with pytest.raises(ValueError, match="at least 1"):
+        in_processes(train_lm, 0, tiny["data"], vq_dir, tmp_path / "none")
+
+
 def test_a_class_balanced_lm_resumes_exactly_and_draws_other_batches(tiny, tmp_path):
     vq_dir = tiny["vq"]["vq_dir"]
     straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=4, balance="class", **LM)

@@ -435,7 +435,8 @@ def train_unet(
                 accelerator.backward(loss)
         # Begin block "step bookkeeping" (each loop keeps a copy, marked; tests/test_house_rules.py compares them)
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
-        history.append(loss.item() * gradient_accumulation_steps)
+        # the mean over all processes' shares of the batch
+        history.append(accelerator.reduce(loss.detach(), "mean").item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1

@@ -273,7 +273,8 @@ def finetune_flux(
                 accelerator.backward(loss)
         # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
-        history.append(loss.item() * gradient_accumulation_steps)
+        # the mean over all processes' shares of the batch
+        history.append(accelerator.reduce(loss.detach(), "mean").item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
@@ -502,7 +503,8 @@ def finetune_kandinsky(
                 accelerator.backward(loss)
         # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
-        history.append(loss.item() * gradient_accumulation_steps)
+        # the mean over all processes' shares of the batch
+        history.append(accelerator.reduce(loss.detach(), "mean").item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1

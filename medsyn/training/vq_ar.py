@@ -454,8 +454,11 @@ def train_lm(
 
     out_dir = Path(out_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision)
-    set_seed(seed)
+    # GPT-2's dropout draws from the global generator: each process its own masks (the main process as alone)
+    set_seed(seed, device_specific=True)
     records = split_records(dataset_dir, "train")
+    if batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {accelerator.num_processes} processes")
     if prompt_field not in ("text", "report"):
         raise ValueError(f"prompt_field must be 'text' or 'report', got {prompt_field!r}")
     missing = sorted({r["source"] for r in records if prompt_field not in r})
@@ -528,7 +531,8 @@ def train_lm(
         accelerator.backward(loss)
         # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
-        history.append(loss.item() * gradient_accumulation_steps)
+        # the mean over all processes' shares of the batch
+        history.append(accelerator.reduce(loss.detach(), "mean").item() * gradient_accumulation_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         done = step + 1
