@@ -151,6 +151,81 @@ def test_two_launched_processes_train_the_lm_one_process_trains(tiny, tmp_path, 
         in_processes(train_lm, 0, tiny["data"], vq_dir, tmp_path / "none")
 
 
+def test_an_interrupted_launch_leaves_no_process_running(tiny, tmp_path, monkeypatch):
+    """A notebook interrupted while its LM trains in processes (Ctrl-C, a kernel interrupt) stops the
+    launcher and the training processes with it, rather than leaving them to train unseen."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from medsyn.training import processes
+
+    started, popen = [], subprocess.Popen
+
+    def recorded(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    class Interrupted:  # the notebook's output stream, interrupted when the first line arrives
+        def write(self, text):
+            raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(processes.subprocess, "Popen", recorded)
+    monkeypatch.setattr(sys, "stderr", Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        processes.in_processes(
+            train_lm, 2, tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", steps=500, **{**LM, "progress": True}
+        )
+    monkeypatch.undo()
+    assert started[0].poll() is not None
+    for _ in range(50):  # the workers of the launcher's session go too
+        try:
+            os.killpg(started[0].pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("training processes still running after the interrupt")
+    assert not (tmp_path / "lm" / "pipeline").exists()
+
+
+def test_a_loop_started_in_a_process_of_its_own_trains_what_it_trains_here(tiny, tmp_path, capsys):
+    """`start` (02's `unet_threads`): the loop in a process of its own on one thread gives bitwise the
+    weights it gives here on one thread, this process keeps the other threads meanwhile and gets them
+    back, the loop's progress bar reaches the notebook, and a failure is raised with its message."""
+    from medsyn.training.processes import start
+
+    vq_dir, threads = tiny["vq"]["vq_dir"], torch.get_num_threads()
+    lm = {**LM, "lr": 3e-3, "steps": 4}
+    try:
+        torch.set_num_threads(1)
+        here = train_lm(tiny["data"], vq_dir, tmp_path / "here", **lm)
+    finally:
+        torch.set_num_threads(threads)
+    started = start(train_lm, 1, tiny["data"], vq_dir, tmp_path / "apart", **{**lm, "progress": True})
+    assert torch.get_num_threads() == max(1, threads - 1)
+    apart = started.result()
+    assert torch.get_num_threads() == threads
+    assert "lm: 100%" in capsys.readouterr().err
+    assert apart["loss_history"] == here["loss_history"] and apart["pipeline_dir"] == str(
+        tmp_path / "apart" / "pipeline"
+    )
+    a = load_file(tmp_path / "here" / "pipeline" / "lm" / "model.safetensors")
+    b = load_file(tmp_path / "apart" / "pipeline" / "lm" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert start(train_lm, None, tiny["data"], vq_dir, tmp_path / "here", **lm).result()["loss_history"] == []
+    failed = start(train_lm, 1, tiny["data"], vq_dir, tmp_path / "bad", **{**lm, "prompt_field": "caption"})
+    with pytest.raises(RuntimeError, match="prompt_field must be 'text' or 'report'"):
+        failed.result()
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="at least 1"):
+        start(train_lm, 0, tiny["data"], vq_dir, tmp_path / "none")
+
+
 def test_a_class_balanced_lm_resumes_exactly_and_draws_other_batches(tiny, tmp_path):
     vq_dir = tiny["vq"]["vq_dir"]
     straight = train_lm(tiny["data"], vq_dir, tmp_path / "straight", steps=4, balance="class", **LM)
