@@ -44,7 +44,7 @@ def in_processes(function, processes: int, /, *args, **kwargs) -> dict:
         args, kwargs: the loop's arguments; JSON values or paths.
 
     Returns:
-        The loop's result; paths in it come back as strings. The loop's progress bar and messages are
+        The loop's result (from launched processes, its paths as strings). The loop's progress bar and messages are
         written here as they come; a failed launch raises `RuntimeError` with the end of its output.
     """
     if processes < 1:
@@ -150,7 +150,8 @@ def start(function, threads: int | None, /, *args, **kwargs) -> Started:
         args, kwargs: the loop's arguments; JSON values or paths.
 
     Returns:
-        A `Started`, whose `result()` returns what the loop returned (paths as strings).
+        A `Started`, whose `result()` returns what the loop returned (from a process of its own, its
+            paths as strings).
     """
     return Started(function, threads, args, kwargs)
 
