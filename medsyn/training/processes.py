@@ -12,6 +12,7 @@ do not depend on each other (02's U-Net and ldm-finetune's pretraining and fine-
 a core of their own.
 """
 
+import codecs
 import collections
 import importlib
 import json
@@ -51,8 +52,7 @@ def in_processes(function, processes: int, /, *args, **kwargs) -> dict:
         raise ValueError(f"processes must be at least 1, got {processes}")
     if processes == 1:
         return function(*args, **kwargs)
-    if "progress" not in kwargs:
-        kwargs["progress"] = True
+    kwargs = {"progress": True, **kwargs}
     with tempfile.TemporaryDirectory(prefix="medsyn_launch_") as scratch:
         call, result = _write_call(Path(scratch), function, args, kwargs)
         command = [
@@ -83,23 +83,24 @@ class Started:
     """A training loop running in a process of its own (`start`); `result()` waits for it."""
 
     def __init__(self, function, threads: int | None, args: tuple, kwargs: dict):
-        self.name, self.threads = function.__qualname__, threads
+        self.name, self._child = function.__qualname__, None
         if threads is None:  # here and now: the handle is finished when it is made
-            self._value, self._child = function(*args, **kwargs), None
+            self._value = function(*args, **kwargs)
             return
         if threads < 1:
             raise ValueError(f"threads must be at least 1 (or None: here), got {threads}")
         self._scratch = tempfile.TemporaryDirectory(prefix="medsyn_start_")
-        scratch = Path(self._scratch.name)
-        self._call, self._result = _write_call(scratch, function, args, {"progress": True, **kwargs})
-        self._log = open(scratch / "output.log", "wb")  # closed by result()
-        self._child = subprocess.Popen(
-            [sys.executable, "-m", ENTRY, str(self._call)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=environment_with(OMP_NUM_THREADS=str(threads)),
-            start_new_session=True,  # see _relay
-        )
+        call, self._result = _write_call(Path(self._scratch.name), function, args, {"progress": True, **kwargs})
+        log = Path(self._scratch.name) / "output.log"
+        with open(log, "wb") as output:  # the child keeps its own copy of the descriptor
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", ENTRY, str(call)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=environment_with(OMP_NUM_THREADS=str(threads)),
+                start_new_session=True,  # see _relay
+            )
+        self._output = open(log, "rb")  # read on by result(), which closes it
         # this process goes on beside it with the threads that are left
         self._threads_before = torch.get_num_threads()
         torch.set_num_threads(max(1, self._threads_before - threads))
@@ -109,35 +110,24 @@ class Started:
         `RuntimeError` with the end of its output. This process gets its threads back."""
         if self._child is None:
             return self._value
-        written = 0
+        decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), collections.deque(maxlen=256)
         try:
             while True:
                 finished = self._child.poll() is not None
-                text = (Path(self._scratch.name) / "output.log").read_bytes()[written:]
-                written += len(text)
-                sys.stderr.write(text.decode(errors="replace"))
-                sys.stderr.flush()
+                _write_on(decoder.decode(self._output.read()), tail)
                 if finished:
                     break
                 time.sleep(0.5)
-            tail = None if self._child.returncode == 0 else self._tail()
-            self._value = _returned(self._result, tail, f"{self.name} in a process of its own")
         except BaseException:
-            if self._child.poll() is None:
-                os.killpg(self._child.pid, signal.SIGTERM)
-                self._child.wait()
+            _stop(self._child)
             raise
         finally:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-                torch.set_num_threads(self._threads_before)
-        self._child = None
+            self._output.close()
+            torch.set_num_threads(self._threads_before)
+        tail = None if self._child.returncode == 0 else "".join(tail)[-20000:]
+        self._value, self._child = _returned(self._result, tail, f"{self.name} in a process of its own"), None
         self._scratch.cleanup()
         return self._value
-
-    def _tail(self) -> str:
-        return (Path(self._scratch.name) / "output.log").read_bytes()[-20000:].decode(errors="replace")
 
 
 def start(function, threads: int | None, /, *args, **kwargs) -> Started:
@@ -196,23 +186,34 @@ def _free_port() -> int:
 def _relay(command: list[str], environment: dict) -> str | None:
     """Run `command`, writing its output here as it comes (the progress bar's carriage returns too);
     None when it succeeded, else the end of its output."""
-    tail = collections.deque(maxlen=256)
+    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), collections.deque(maxlen=256)
     # a session of their own: an interrupted notebook stops the launcher and every process it started
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment, start_new_session=True
     )
     try:
         while chunk := child.stdout.read1(4096):
-            text = chunk.decode(errors="replace")
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            tail.append(text)
+            _write_on(decoder.decode(chunk), tail)
         code = child.wait()
     except BaseException:  # KeyboardInterrupt above all: no training left running unseen
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait()
+        _stop(child)
         raise
     return None if code == 0 else "".join(tail)[-20000:]
+
+
+def _write_on(text: str, tail: collections.deque) -> None:
+    """A child's output, here (a multi-byte character split between two reads is decoded whole)."""
+    if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        tail.append(text)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """Stop a child started in a session of its own, and every process it started."""
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait()
 
 
 def _main(call_path: str) -> None:
