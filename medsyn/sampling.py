@@ -169,7 +169,7 @@ def optimise_for_sampling(
         pipeline: a diffusers text-to-image pipeline (or a vq-ar one).
         device: where to sample (default: where it is).
         dtype: 'float32', 'bfloat16' or 'float16' for every component.
-        memory_format: 'contiguous' or 'channels_last' for the denoiser and the VAE.
+        memory_format: 'contiguous' or 'channels_last' for the denoiser and the VAE (Kandinsky's MoVQ).
         compile_mode: `torch.compile` mode for the denoiser's blocks (`compile_repeated_blocks`); None: eager.
     """
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -180,7 +180,8 @@ def optimise_for_sampling(
         return pipeline.to(device) if device else pipeline
     pipeline.to(device, getattr(torch, dtype)) if device else pipeline.to(dtype=getattr(torch, dtype))
     name = "unet" if hasattr(pipeline, "unet") else "transformer"
-    for part in (name, "vae"):
+    decoder = "vae" if hasattr(pipeline, "vae") else "movq"  # Kandinsky 2.2 decodes with its MoVQ
+    for part in (name, decoder):
         getattr(pipeline, part).to(memory_format=MEMORY_FORMATS[memory_format])
     if compile_mode:
         compile_repeated_blocks(getattr(pipeline, name), compile_mode)
@@ -220,15 +221,47 @@ def sampler_settings(pipeline, scheduler: str, steps: int, guidance_scale: float
 
 def set_scheduler(pipeline, name: str) -> None:
     """Replace the pipeline's sampler by `name` (a key of `SCHEDULERS`, or 'pipeline' to keep its own),
-    keeping the trained noise schedule and prediction type. An autoregressive pipeline has none."""
+    keeping the trained noise schedule and prediction type. An autoregressive pipeline has none.
+
+    A flow-matching pipeline (FLUX) samples 'euler' with its own flow-matching Euler and 'dpmsolver++'
+    on flow sigmas (its shift kept); it has no DDIM. Kandinsky 2.2's combined pipeline samples latents
+    in its decoder, whose sampler is the one replaced; that decoder does not scale its model inputs
+    as Euler needs them scaled, so it takes 'dpmsolver++' or 'ddim', and 'euler' is refused.
+    """
     import diffusers
 
     if name == "pipeline" or hasattr(pipeline, "grid"):
         return
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {['pipeline', *SCHEDULERS]}")
+    sampler = getattr(pipeline, "decoder_pipe", pipeline)  # Kandinsky 2.2: the decoder samples the latents
+    config = sampler.scheduler.config
     cls, options = SCHEDULERS[name]
-    pipeline.scheduler = getattr(diffusers, cls).from_config(pipeline.scheduler.config, **options)
+    if "shift" in config:  # a flow-matching schedule
+        flow = {
+            "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+            "dpmsolver++": (
+                "DPMSolverMultistepScheduler",
+                {
+                    **options,
+                    "prediction_type": "flow_prediction",
+                    "use_flow_sigmas": True,
+                    "flow_shift": config["shift"],
+                    "use_dynamic_shifting": config.get("use_dynamic_shifting", False),
+                },
+            ),
+        }
+        if name not in flow:
+            raise ValueError(f"{type(pipeline).__name__} samples a flow: choose 'euler', 'dpmsolver++' or 'pipeline'")
+        cls, options = flow[name]
+    elif sampler is not pipeline and name == "euler":
+        raise ValueError(
+            f"{type(pipeline).__name__}'s decoder does not scale its model inputs as Euler needs: "
+            "choose 'dpmsolver++', 'ddim' or 'pipeline' for it (05_sample's family_schedulers)"
+        )
+    sampler.scheduler = getattr(diffusers, cls).from_config(config, **options)
+    if sampler is not pipeline:
+        pipeline.scheduler = sampler.scheduler  # the combined pipeline registers the decoder's sampler too
 
 
 def write_generated_dataset(
@@ -333,11 +366,13 @@ def sample_families(
     guidance_scale: float = 7.0,
     batch_size: int = 32,
     precision: str = "float32",
+    family_schedulers: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Sample every family's pipeline into `<generated_dir>/<family>` (`sample_class_prompts`, on a GPU
-    when there is one, in `precision`), with one sampler for all. A family whose generated dataset
-    already exists is kept when it was sampled with the same settings and count; otherwise this stops
-    and names the directory to remove.
+    when there is one, in `precision`), with one sampler for all but the families `family_schedulers`
+    names (family -> sampler, for a pipeline that cannot take `scheduler`: Kandinsky 2.2 takes no
+    Euler, `set_scheduler`). A family whose generated dataset already exists is kept when it was
+    sampled with the same settings and count; otherwise this stops and names the directory to remove.
 
     Returns:
         one row per family: images, status ('sampled' or 'kept'), seconds per image in the pipeline
@@ -348,11 +383,16 @@ def sample_families(
 
     if not pipelines:
         raise ValueError("no pipelines to sample: give family -> saved pipeline directory")
-    settings = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance_scale, "precision": precision}
+    family_schedulers = family_schedulers or {}
+    unknown = sorted(set(family_schedulers) - set(pipelines))
+    if unknown:
+        raise ValueError(f"family_schedulers names families with no pipeline: {unknown}")
     prompts = len(class_prompts(split_records(dataset_dir, "train")))
     rows = []
     for family, pipeline_dir in pipelines.items():
         out = Path(generated_dir) / family
+        sampler = family_schedulers.get(family, scheduler)
+        settings = {"scheduler": sampler, "steps": steps, "guidance_scale": guidance_scale, "precision": precision}
         started, batches = time.perf_counter(), []
         if is_dataset(out):
             kept = read_records(out)
@@ -376,7 +416,7 @@ def sample_families(
                 family,
                 per_prompt,
                 seed=seed,
-                scheduler=scheduler,
+                scheduler=sampler,
                 steps=steps,
                 guidance_scale=guidance_scale,
                 batch_size=batch_size,

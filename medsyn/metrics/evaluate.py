@@ -6,7 +6,8 @@ with the same real images, on equal sample counts, as uint8 images read from the
 | `FID`, `KID_inception` | FID and KID on the TF-compatible InceptionV3 (only when its weights are on disk; otherwise NaN and `inception_note` says where they were looked for) |
 | `FD_domain_clip`, `KID_domain_clip` | the same distances on the domain CLIP's image embeddings: never called FID |
 | `precision`, `recall` | improved precision / recall (k = 3) on the domain CLIP's embeddings (NaN with 3 images or fewer) |
-| `NIQE_generated`, `NIQE_real` | mean NIQE (LIVE's model; `niqe_block` pixels per block, reported) |
+| `NIQE_generated`, `NIQE_real` | mean NIQE (LIVE's model; `niqe_block` pixels per block, reported) over the images it is defined on |
+| `NIQE_flat`, `NIQE_flat_real` | how many of the compared generated images and of the real ones NIQE is undefined on (flat: fewer than two blocks with texture) |
 | `MS_SSIM_within_class` | mean MS-SSIM of random same-class pairs (lower: more diverse), with the real value beside it (NaN under 33 px) |
 | `domain_clip_score` | mean cosine similarity of each image and its prompt in the domain CLIP, × 100 |
 | `alignment_macro` | macro accuracy of the real-image classifier on the generated images (the prompt's class is the truth) |
@@ -30,7 +31,7 @@ from medsyn.metrics.fidelity import (
     inception_weights,
     ms_ssim_pairs,
 )
-from medsyn.metrics.niqe import niqe
+from medsyn.metrics.niqe import FlatImageError, niqe
 
 # a generated dataset holds its images in one split
 GENERATED = "train"
@@ -131,11 +132,28 @@ def _set_measures(features, real_features, inception, real_inception, niqes, sco
         two["FID"] = FrechetDistanceOfDraws(inception, real_inception)
         two["KID_inception"] = lambda g, r: inception_kid(r, g, subsets=10)[0]
     one = {
-        "NIQE_generated": lambda i: float(niqes[i].mean()),
+        "NIQE_generated": lambda i: _defined_mean(niqes[i]),
         "domain_clip_score": lambda i: float(scores[i].mean()),
         **_class_statistics(correct, classes, ratios),
     }
     return two, one, pairs
+
+
+def niqe_scores(images, block_size: int) -> np.ndarray:
+    """NIQE of each image; NaN where it is undefined (a flat image), which the table counts."""
+    scores = []
+    for image in images:
+        try:
+            scores.append(niqe(image, block_size))
+        except FlatImageError:
+            scores.append(float("nan"))
+    return np.array(scores)
+
+
+def _defined_mean(values: np.ndarray) -> float:
+    """The mean over the values that are not NaN (NaN when none is)."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if len(defined) else float("nan")
 
 
 def _class_statistics(correct: np.ndarray, classes: np.ndarray, ratios: np.ndarray) -> dict:
@@ -213,7 +231,7 @@ def fidelity_table(
     real_embeddings = embed_images(clip, real.transpose(0, 3, 1, 2)).double().numpy()
     real_inception = inception_features(real, weights) if weights else None
     real_ms_ssim, window = within_class_ms_ssim(real, [class_key(r) for r in real_records], seed=seed)
-    real_niqe = float(np.mean([niqe(image, niqe_block) for image in real]))
+    real_niqes = niqe_scores(real, niqe_block)
 
     rows, alignment, measured = [], {}, {}
     for family, (images, records) in sets.items():
@@ -234,7 +252,7 @@ def fidelity_table(
             real_embeddings[theirs],
             inception_features(images[mine], weights) if weights else None,
             real_inception[theirs] if weights else None,
-            np.array([niqe(image, niqe_block) for image in images[mine]]),
+            niqes := niqe_scores(images[mine], niqe_block),
             (100 * (embeddings * texts).sum(dim=1)).double().numpy()[mine],
             correct[mine],
             np.asarray(classes)[mine],
@@ -260,7 +278,8 @@ def fidelity_table(
             row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(
                 statistic, (size,), resamples, seed, bounds=RANGES.get(name, (-np.inf, np.inf))
             )
-        row["NIQE_real"] = real_niqe
+        row["NIQE_real"] = _defined_mean(real_niqes)
+        row["NIQE_flat"], row["NIQE_flat_real"] = int(np.isnan(niqes).sum()), int(np.isnan(real_niqes).sum())
         row["MS_SSIM_within_class"] = macro_mean(*pairs) if len(pairs[0]) else float("nan")
         if len(pairs[0]) > 1:
             row["MS_SSIM_within_class_low"], row["MS_SSIM_within_class_high"] = bootstrap_interval(

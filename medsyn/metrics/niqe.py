@@ -120,6 +120,10 @@ def _scale_features(image: np.ndarray, block: int) -> np.ndarray:
     )
 
 
+class FlatImageError(ValueError):
+    """NIQE is undefined: fewer than two of the image's blocks have texture (a flat or nearly flat image)."""
+
+
 def niqe(image: np.ndarray, block_size: int = 96) -> float:
     """NIQE of one uint8 image (H x W grey or H x W x 3 RGB), as LIVE's MATLAB `computequality` with
     `block_size` x `block_size` blocks and no overlap. Lower is better.
@@ -127,6 +131,7 @@ def niqe(image: np.ndarray, block_size: int = 96) -> float:
     Raises:
         ValueError: not uint8, wrong shape, or smaller than one block (NIQE needs at least
             `block_size` pixels each way; `block_size` must be even, the second scale halves it).
+        FlatImageError: fewer than two blocks have texture, so NIQE is undefined.
     """
     image = np.asarray(image)
     if image.dtype != np.uint8:
@@ -149,7 +154,7 @@ def niqe(image: np.ndarray, block_size: int = 96) -> float:
     # flat block has undefined features
     complete = features[np.all(np.isfinite(features), axis=1)]
     if len(complete) < 2:
-        raise ValueError("NIQE needs at least two blocks with texture; this image is (nearly) flat")
+        raise FlatImageError("NIQE needs at least two blocks with texture; this image is (nearly) flat")
     mu_pristine, cov_pristine = pristine_model()
     difference = mu_pristine - np.nanmean(features, axis=0)
     covariance = (cov_pristine + np.cov(complete, rowvar=False)) / 2

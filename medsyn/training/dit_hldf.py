@@ -286,6 +286,12 @@ def train_dit(
     if pretrained_dir is not None:
         pipeline = load_pretrained(pretrained_dir)
         max_sequence_length = max_sequence_length or 120
+        native = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
+        if native != images.shape[-1]:  # its position embeddings are laid out for its own size
+            raise ValueError(
+                f"{pretrained_dir} samples {native} px images and the curated ones are {images.shape[-1]} px: "
+                f"curate at {native} px (01_curate's size) or fine-tune a PixArt-α of the curated size"
+            )
     else:
         from diffusers import AutoencoderKL
 
@@ -326,7 +332,7 @@ def train_dit(
     learned_sigma = transformer.config.out_channels == 2 * transformer.config.in_channels
     # PixArt-α at 1024 px conditions on resolution and aspect ratio; the compact one does not
     side = latent_mean.shape[-1] * pipeline.vae_scale_factor
-    conditions = transformer.config.sample_size == 128
+    conditions = transformer.use_additional_conditions
     ema = EMAModel(trainable, decay=ema_decay) if ema_decay else None
     optimizer = adamw(trainable, lr=lr, weight_decay=1e-2)
     lr_scheduler = make_lr_schedule(optimizer, lr_schedule, lr_warmup_steps, steps)

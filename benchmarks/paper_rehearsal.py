@@ -1,0 +1,256 @@
+"""The `paper` profile rehearsed: every notebook of its chain, with its families and code paths (captions
+from a vision-language model, reports rewritten by an LLM, the SDXL fine-tune, FLUX and Kandinsky LoRA,
+PixArt-α with HLDF and on templates, vq-ar from a pretrained causal LM, the BiomedCLIP-layout privacy
+embedder, an ImageNet ResNet-50, FID required), on random-weight models saved where the profile looks
+for them, the embedded corpus and step counts of minutes: a multi-day job should not fail at hour 30
+on something this run shows.
+
+    python -m benchmarks.paper_rehearsal --scale cpu --work /tmp/rehearsal   # 2 cores, minutes
+    python -m benchmarks.paper_rehearsal --scale gpu --work /tmp/rehearsal   # one GPU
+
+The rehearsal profile is `paper.yaml` itself with only what a short run must change replaced
+(`REHEARSAL`): the corpus (embedded: the real sources need registration), the image side, step
+counts, batch sizes and numbers of images. Everything else, precisions included, is the paper's.
+At CPU scale the models are the tests' stand-ins (`tests/tiny_models.py`: tiny widths, the real
+classes and directory layouts); at GPU scale the generators the notebooks train are built from their
+published configurations (`benchmarks/architectures.py`). Prints one row per notebook (status,
+seconds) and, with `--out`, writes them with their provenance.
+"""
+
+import copy
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from benchmarks.common import arguments, device_for, device_name
+from medsyn.paths import PROFILES_DIR, REPO_ROOT
+
+# what a rehearsal changes in paper.yaml, per scale; the rest is the paper's
+REHEARSAL = {
+    "cpu": {
+        "common": {"size": 64},
+        "01_curate": {
+            "corpus": "embedded",
+            "manifests": ["rsna_pe", "chexpert", "brats", "kermany_oct", "ham10000", "kvasir_v2", "camelyon16"],
+            "corpus_patients": 10,
+            "corpus_size": 64,
+            "vlm_batch_size": 4,
+            "probe_epochs": 1,
+            "domain_clip_epochs": 1,
+        },
+        "02_train_ldm": {
+            "vae_steps": 4,
+            "vae_batch_size": 4,
+            "vae_config": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
+            "unet_steps": 4,
+            "unet_batch_size": 4,
+            "sampling_steps": 2,
+            "pretrain_images": 8,
+            "pretrain_steps": 2,
+            "finetune_steps": 3,
+            "finetune_batch_size": 2,
+            "large_lora_steps": 2,
+            "large_lora_batch_size": 2,
+        },
+        "03_train_dit_hldf": {"steps": 3, "batch_size": 4, "hldf_batch": 2, "sampling_steps": 2},
+        "04_train_vq_ar": {
+            "codes": 32,
+            "vq_config": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
+            "vq_steps": 3,
+            "vq_batch_size": 4,
+            "prompt_tokens": 12,
+            "clue_tokens": 4,
+            "lm_steps": 3,
+            "lm_batch_size": 4,
+            "ablation_per_class": 1,
+        },
+        "05_sample": {"samples_per_prompt": 2, "sampling_steps": 2, "batch_size": 8},
+        "06_fidelity": {"niqe_block": 16, "bootstrap_resamples": 20},
+        "08_downstream": {"n_real": 4, "epochs": 1, "replicates": 2, "bootstrap_resamples": 20, "batch_size": 8},
+        "09_report": {"study_per_class": 1},
+    },
+}
+REHEARSAL["gpu"] = copy.deepcopy(REHEARSAL["cpu"])
+
+
+def rehearsal_profile(scale: str, pretrained: Path, run_dir: Path) -> Path:
+    """paper.yaml with `REHEARSAL[scale]` laid over it, every `{run}/pretrained/...` path pointing into
+    `pretrained`, and FID's InceptionV3 weights from there; written into the run directory."""
+    profile = yaml.safe_load((PROFILES_DIR / "paper.yaml").read_text())
+    profile["name"] = f"paper-rehearsal-{scale}"
+    profile["description"] = f"the paper profile rehearsed at {scale} scale (benchmarks/paper_rehearsal.py)"
+    for block, values in REHEARSAL[scale].items():
+        profile.setdefault(block, {}).update(copy.deepcopy(values))
+    profile["06_fidelity"]["inception_weights"] = str(pretrained / "pt_inception-2015-12-05-6726825d.pth")
+    text = yaml.safe_dump(profile, sort_keys=False).replace("{run}/pretrained", str(pretrained))
+    path = run_dir / "rehearsal.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_stand_ins(pretrained: Path, scale: str) -> dict[str, float]:
+    """Every pretrained model and weight file the paper profile names, with random weights, in the
+    layout the profile expects; returns seconds per model."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))  # the tests' stand-ins: tiny widths, real classes
+    import tiny_models
+
+    seconds = {}
+    builders = {
+        "stable-diffusion-xl-base-1.0": lambda d: _pipeline_at(d, tiny_models.save_tiny_sd, xl=True),
+        "FLUX.1-dev": lambda d: _pipeline_at(d, tiny_models.save_tiny_flux),
+        "kandinsky-2-2-prior": None,  # written with the decoder
+        "kandinsky-2-2-decoder": lambda d: _kandinsky(d, tiny_models),
+        "PixArt-XL-2-512x512": lambda d: _pixart(d, tiny_models),
+        "dolly-v2-3b": _gpt_neox,
+        "Qwen2-VL-7B-Instruct": lambda d: tiny_models.save_tiny_vlm(d, STAND_IN_DESCRIPTION),
+        "Llama-3.1-8B-Instruct": lambda d: tiny_models.save_tiny_llm(d, STAND_IN_REPORT, []),
+        "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": lambda d: _open_clip(d, tiny_models.TINY_CLIP),
+        "resnet50-imagenet1k-v2.pth": _resnet50,
+        "pt_inception-2015-12-05-6726825d.pth": _inception,
+    }
+    pretrained.mkdir(parents=True, exist_ok=True)
+    for name, build in builders.items():
+        if build is None or (pretrained / name).exists():
+            continue
+        began = time.perf_counter()
+        build(pretrained / name)
+        seconds[name] = round(time.perf_counter() - began, 1)
+        print(f"stand-in {name}: {seconds[name]} s", flush=True)
+    return seconds
+
+
+# what the stand-in VLM says of every image, and the stand-in LLM's rewrite of every report
+STAND_IN_DESCRIPTION = ["grey", "tones", "with", "a", "brighter", "region", "."]
+STAND_IN_REPORT = ["Findings", "as", "described", "."]
+
+
+def _pipeline_at(directory: Path, save, **kw) -> None:
+    scratch = directory.with_name(directory.name + ".parts")
+    shutil.move(save(scratch, **kw), directory)
+    shutil.rmtree(scratch)
+
+
+def _kandinsky(decoder_dir: Path, tiny_models) -> None:
+    """The published pair of directories (prior, decoder) from one combined pipeline."""
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    from medsyn.sampling import load_pipeline
+
+    scratch = decoder_dir.with_name("kandinsky.parts")
+    combined = load_pipeline(tiny_models.save_tiny_kandinsky(scratch))
+    prior = combined.prior_pipe
+    KandinskyV22PriorPipeline(
+        prior=prior.prior,
+        image_encoder=prior.image_encoder,
+        text_encoder=prior.text_encoder,
+        tokenizer=prior.tokenizer,
+        scheduler=prior.scheduler,
+        image_processor=prior.image_processor,
+    ).save_pretrained(decoder_dir.with_name("kandinsky-2-2-prior"))
+    decoder = combined.decoder_pipe
+    KandinskyV22Pipeline(unet=decoder.unet, scheduler=decoder.scheduler, movq=decoder.movq).save_pretrained(decoder_dir)
+    shutil.rmtree(scratch)
+
+
+def _pixart(directory: Path, tiny_models) -> None:
+    """PixArt-α's layout: T5 tokenizer and encoder, a learned-sigma transformer (8 output channels),
+    the SD VAE, DPM-Solver."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    scratch = directory.with_name(directory.name + ".parts")
+    tiny_models.t5_tokenizer_and_tower(scratch, hidden=32)
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32,  # latent pixels: the rehearsal's 64 px images through the VAE's one down-sampling
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,
+        caption_channels=32,
+    )
+    vae = tiny_models.tiny_vae(sample_size=64)
+    vae.register_to_config(scaling_factor=1.0)
+    PixArtAlphaPipeline(
+        tokenizer=T5TokenizerFast.from_pretrained(scratch / "tokenizer", local_files_only=True),
+        text_encoder=T5EncoderModel.from_pretrained(scratch / "text_encoder", local_files_only=True),
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    ).save_pretrained(directory)
+    shutil.rmtree(scratch)
+
+
+def _gpt_neox(directory: Path) -> None:
+    """Dolly-v2's architecture (GPT-NeoX), tiny."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(directory)
+
+
+def _open_clip(directory: Path, config: dict) -> None:
+    """BiomedCLIP's layout: open_clip_config.json and open_clip_pytorch_model.bin."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from medsyn.models.domain_clip import save_domain_clip
+
+    torch.manual_seed(0)
+    cfg = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": 32}}
+    model = open_clip.CLIP(**cfg)
+    save_domain_clip(model, cfg, directory)
+    weights = directory / "open_clip_model.safetensors"
+    torch.save(load_file(weights), directory / "open_clip_pytorch_model.bin")
+    weights.unlink()
+
+
+def _resnet50(path: Path) -> None:
+    from medsyn.training.classifier import resnet50
+
+    torch.manual_seed(0)
+    torch.save(resnet50(1000)[0].state_dict(), path)
+
+
+def _inception(path: Path) -> None:
+    """torch-fidelity's TF-compatible InceptionV3 with random weights, saved as its weight file."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    torch.manual_seed(0)
+    with (  # its constructor loads the published weights; here the layers keep their initialisation
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(model.state_dict(), path)
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
+    from medsyn.chain import reproduce
+
+    run_dir = args.work / f"paper-rehearsal-{args.scale}"
+    pretrained = args.work / "pretrained" / args.scale
+    built = write_stand_ins(pretrained, args.scale)
+    profile = rehearsal_profile(args.scale, pretrained, run_dir)
+    began = time.perf_counter()
+    try:
+        reproduce(profile, run_dir, progress=True, resume=(run_dir / "run.json").is_file())
+    finally:
+        print(f"chain: {time.perf_counter() - began:.0f} s on {device_name(device_for(args.scale))}; built {built}")
+
+
+if __name__ == "__main__":
+    main()
