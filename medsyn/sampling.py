@@ -223,45 +223,59 @@ def set_scheduler(pipeline, name: str) -> None:
     """Replace the pipeline's sampler by `name` (a key of `SCHEDULERS`, or 'pipeline' to keep its own),
     keeping the trained noise schedule and prediction type. An autoregressive pipeline has none.
 
-    A flow-matching pipeline (FLUX) samples 'euler' with its own flow-matching Euler and 'dpmsolver++'
-    on flow sigmas (its shift kept); it has no DDIM. Kandinsky 2.2's combined pipeline samples latents
-    in its decoder, whose sampler is the one replaced; that decoder does not scale its model inputs
-    as Euler needs them scaled, so it takes 'dpmsolver++' or 'ddim', and 'euler' is refused.
+    Every replacement starts from the pipeline's own sampler, which 'pipeline' puts back. A
+    flow-matching pipeline (FLUX) samples 'euler' with its own flow-matching Euler and 'dpmsolver++'
+    on flow sigmas (its shift kept; only with dynamic shifting, as FLUX.1-dev's); it has no DDIM.
+    Kandinsky 2.2's combined pipeline samples latents in its decoder, whose sampler is the one
+    replaced; that decoder does not scale its model inputs as Euler needs them scaled, so it takes
+    'dpmsolver++' or 'ddim', and 'euler' is refused.
     """
+    import inspect
+
     import diffusers
 
-    if name == "pipeline" or hasattr(pipeline, "grid"):
+    if hasattr(pipeline, "grid"):
         return
-    if name not in SCHEDULERS:
+    if name != "pipeline" and name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {['pipeline', *SCHEDULERS]}")
     sampler = getattr(pipeline, "decoder_pipe", pipeline)  # Kandinsky 2.2: the decoder samples the latents
-    config = sampler.scheduler.config
-    cls, options = SCHEDULERS[name]
-    if "shift" in config:  # a flow-matching schedule
-        flow = {
-            "euler": ("FlowMatchEulerDiscreteScheduler", {}),
-            "dpmsolver++": (
-                "DPMSolverMultistepScheduler",
-                {
-                    **options,
-                    "prediction_type": "flow_prediction",
-                    "use_flow_sigmas": True,
-                    "flow_shift": config["shift"],
-                    "use_dynamic_shifting": config.get("use_dynamic_shifting", False),
-                },
-            ),
-        }
-        if name not in flow:
-            raise ValueError(f"{type(pipeline).__name__} samples a flow: choose 'euler', 'dpmsolver++' or 'pipeline'")
-        cls, options = flow[name]
-    elif sampler is not pipeline and name == "euler":
-        raise ValueError(
-            f"{type(pipeline).__name__}'s decoder does not scale its model inputs as Euler needs: "
-            "choose 'dpmsolver++', 'ddim' or 'pipeline' for it (05_sample's family_schedulers)"
-        )
-    sampler.scheduler = getattr(diffusers, cls).from_config(config, **options)
+    if not hasattr(sampler, "_own_scheduler"):  # every replacement starts from the pipeline's own sampler
+        sampler._own_scheduler = sampler.scheduler
+    own = sampler._own_scheduler
+    config = own.config
+    if name == "pipeline":
+        replacement = own
+    else:
+        cls, options = SCHEDULERS[name]
+        if "shift" in config:  # a flow-matching schedule
+            if name not in ("euler", "dpmsolver++"):
+                raise ValueError(
+                    f"{type(pipeline).__name__} samples a flow: choose 'euler', 'dpmsolver++' or 'pipeline'"
+                )
+            if name == "dpmsolver++" and not config.get("use_dynamic_shifting", False):
+                raise ValueError(  # FluxPipeline passes `mu`, which DPM-Solver takes with dynamic shifting only
+                    f"{type(pipeline).__name__}'s flow schedule has a static shift, on which diffusers' "
+                    "DPM-Solver++ does not run: choose 'euler' or 'pipeline'"
+                )
+            flow = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": config["shift"]}
+            cls, options = {
+                "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+                "dpmsolver++": ("DPMSolverMultistepScheduler", {**options, **flow}),
+            }[name]
+        elif sampler is not pipeline and name == "euler":
+            raise ValueError(
+                f"{type(pipeline).__name__}'s decoder does not scale its model inputs as Euler needs: "
+                "choose 'dpmsolver++', 'ddim' or 'pipeline' for it (05_sample's family_schedulers)"
+            )
+        target = getattr(diffusers, cls)
+        accepted = set(inspect.signature(target.__init__).parameters)
+        replacement = target.from_config({k: v for k, v in config.items() if k in accepted}, **options)
+        # FluxPipeline reads the bounds of its dynamic shift from its sampler's configuration
+        bounds = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+        replacement.register_to_config(**{k: config[k] for k in bounds if k in config and k not in replacement.config})
+    sampler.scheduler = replacement
     if sampler is not pipeline:
-        pipeline.scheduler = sampler.scheduler  # the combined pipeline registers the decoder's sampler too
+        pipeline.scheduler = replacement  # the combined pipeline registers the decoder's sampler too
 
 
 def write_generated_dataset(

@@ -161,6 +161,10 @@ def test_lora_on_a_pretrained_learned_sigma_pixart(tiny, tmp_path):
         progress=False,
     )
     base = load_file(tmp_path / "pixart" / "transformer" / "diffusion_pytorch_model.safetensors")
+    pretrained.transformer.register_to_config(sample_size=4)  # a PixArt of 8 px against 16-px images
+    pretrained.save_pretrained(tmp_path / "pixart_8px")
+    with pytest.raises(ValueError, match="samples 8 px images and the curated ones are 16 px"):
+        train_dit(tiny["data"], tmp_path / "other", pretrained_dir=tmp_path / "pixart_8px", steps=1, progress=False)
     assert 0 < result["trained_parameters"] < 0.3 * sum(v.numel() for v in base.values())
     assert (result["lora_dir"] / "pytorch_lora_weights.safetensors").is_file()
     merged = _weights(tmp_path / "lora")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import save_tiny_flux, save_tiny_kandinsky, write_tiny_dataset
 
-from medsyn.sampling import generate, image_size, load_pipeline
+from medsyn.sampling import generate, image_size, load_pipeline, optimise_for_sampling, set_scheduler
 from medsyn.training.lora_large import combine_kandinsky, finetune_flux, finetune_kandinsky, load_local
 
 
@@ -165,3 +165,45 @@ def test_missing_or_wrong_pretrained_directory(tiny, tmp_path):
     with pytest.raises(ValueError, match="holds a KandinskyV22CombinedPipeline, not a FluxPipeline"):
         finetune_flux(tiny["data"], tiny["kandinsky"], tmp_path / "out", steps=1, progress=False)
     assert time.perf_counter() - start < 10
+
+
+def test_samplers_of_a_flow_and_of_kandinskys_decoder(tiny):
+    """FLUX samples 'euler' with its own flow-matching Euler and 'dpmsolver++' on the same shifted flow
+    schedule; Kandinsky's sampler is its decoder's (replaced there, not on the combined pipeline
+    alone), and Euler, whose inputs that decoder does not scale, is refused."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="static shift"):  # the tiny pipeline's schedule
+        set_scheduler(load_pipeline(tiny["flux"]), "dpmsolver++")
+    flux = load_pipeline(tiny["flux"])
+    flux.scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's: the shift grows with the image's tokens
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256
+    )
+    set_scheduler(flux, "euler")
+    assert type(flux.scheduler) is FlowMatchEulerDiscreteScheduler and flux.scheduler.config.max_shift == 1.15
+    steps, mu = 10, 0.8
+    flux.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)  # as FluxPipeline asks
+    euler = flux.scheduler.sigmas.numpy()
+    set_scheduler(flux, "dpmsolver++")
+    assert type(flux.scheduler) is DPMSolverMultistepScheduler
+    flux.scheduler.set_timesteps(steps, mu=mu)
+    np.testing.assert_allclose(np.asarray(flux.scheduler.sigmas), euler, atol=1e-3)  # its discrete steps apart
+    flux.tokenizer_2.model_max_length = 16
+    images = generate(flux, ["A red disc."], per_prompt=1, seed=0, steps=3)
+    assert images[0]["image"].shape == (image_size(flux), image_size(flux), 3)
+    with pytest.raises(ValueError, match="samples a flow"):
+        set_scheduler(flux, "ddim")
+    set_scheduler(flux, "euler")  # from the pipeline's own sampler again, not from DPM-Solver's settings
+    assert type(flux.scheduler) is FlowMatchEulerDiscreteScheduler and flux.scheduler.config.shift == 3.0
+    set_scheduler(flux, "pipeline")
+    assert flux.scheduler.config.max_shift == 1.15
+
+    kandinsky = load_pipeline(tiny["kandinsky"])
+    own = generate(kandinsky, ["A red disc."], per_prompt=1, seed=0, steps=3)
+    set_scheduler(kandinsky, "ddim")
+    assert type(kandinsky.decoder_pipe.scheduler) is DDIMScheduler
+    assert not _same_images(generate(kandinsky, ["A red disc."], per_prompt=1, seed=0, steps=3), own)
+    with pytest.raises(ValueError, match="family_schedulers"):
+        set_scheduler(kandinsky, "euler")
+    optimise_for_sampling(kandinsky, "cpu", memory_format="channels_last")  # a MoVQ, not a VAE
+    assert kandinsky.movq.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

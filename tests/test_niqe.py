@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import stats
 
 from medsyn.metrics import niqe
-from medsyn.metrics.niqe import MODEL_PATH, aggd_parameters, gaussian_window, imresize_half, rgb2gray
+from medsyn.metrics.niqe import MODEL_PATH, FlatImageError, aggd_parameters, gaussian_window, imresize_half, rgb2gray
 
 REFERENCE = Path(__file__).parent / "data" / "niqe"  # LIVE's release images, with its notice in README.md
 MATLAB = {"image1.png": 5.0290, "image2.png": 17.8659, "image3.png": 8.0362, "image4.png": 2.6571}
@@ -69,5 +69,18 @@ def test_grey_and_rgb_inputs_and_bad_input():
     with pytest.raises(ValueError, match="at least 96 x 96"):
         niqe(grey[:64, :64])
     assert np.isfinite(niqe(grey[:64, :64], block_size=32))
-    with pytest.raises(ValueError, match="flat"):
+    with pytest.raises(FlatImageError, match="flat"):
         niqe(np.full((192, 192), 128, np.uint8))
+
+
+def test_a_flat_image_is_counted_not_fatal():
+    """A generator's flat image (a collapsed sample) has no NIQE: 06 scores it NaN, averages the others
+    and counts it (`NIQE_flat`), instead of stopping the fidelity notebook."""
+    from medsyn.metrics.evaluate import _defined_mean, niqe_scores
+
+    textured = (np.random.default_rng(1).random((64, 64)) * 255).astype(np.uint8)
+    scores = niqe_scores([textured, np.full((64, 64), 90, np.uint8), textured], 32)
+    assert np.isnan(scores[1]) and scores[0] == scores[2] == niqe(textured, 32)
+    assert _defined_mean(scores) == scores[0] and np.isnan(_defined_mean(scores[1:2]))
+    with pytest.raises(ValueError, match="uint8"):  # anything else still stops it
+        niqe_scores([textured.astype(np.float32)], 32)

@@ -126,3 +126,24 @@ def test_optimise_for_sampling_sets_precision_and_layout_and_refuses_unknown_set
         optimise_for_sampling(pipeline, dtype="int8")
     with pytest.raises(ValueError, match="memory_format"):
         optimise_for_sampling(pipeline, memory_format="nhwc")
+
+
+def test_one_sampler_for_all_but_the_families_named(tiny, tmp_path):
+    """`family_schedulers` gives a family its own sampler (Kandinsky takes no Euler): its records and
+    its row say so, a rerun keeps it, and a family that has no pipeline is refused."""
+    from medsyn.sampling import sample_families
+
+    options = {"per_prompt": 1, "steps": 2, "scheduler": "euler", "family_schedulers": {"b": "ddim"}}
+    pipelines = {"a": tiny["sd"], "b": tiny["sd"]}
+    table = sample_families(pipelines, tiny["data"], tmp_path / "gen", **options)
+    assert table.set_index("family")["scheduler"].to_dict() == {"a": "euler", "b": "ddim"}
+    assert {r["scheduler"] for r in read_records(tmp_path / "gen" / "b")} == {"ddim"}
+    a, b = (read_records(tmp_path / "gen" / f) for f in "ab")  # the same model and seeds, two samplers
+    assert [r["seed"] for r in a] == [r["seed"] for r in b]
+    assert {r["file_name"] for r in a}.isdisjoint(r["file_name"] for r in b)  # named by their pixels' hash
+    again = sample_families(pipelines, tiny["data"], tmp_path / "gen", **options)
+    assert list(again["status"]) == ["kept", "kept"]
+    with pytest.raises(ValueError, match="holds images sampled differently"):
+        sample_families(pipelines, tiny["data"], tmp_path / "gen", **{**options, "family_schedulers": {}})
+    with pytest.raises(ValueError, match=r"no pipeline: \['c'\]"):
+        sample_families(pipelines, tiny["data"], tmp_path / "other", **{**options, "family_schedulers": {"c": "ddim"}})
