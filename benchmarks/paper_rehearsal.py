@@ -5,85 +5,86 @@ embedder, an ImageNet ResNet-50, FID required), on random-weight models saved wh
 for them, the embedded corpus and step counts of minutes: a multi-day job should not fail at hour 30
 on something this run shows.
 
-    python -m benchmarks.paper_rehearsal --scale cpu --work /tmp/rehearsal   # 2 cores, minutes
-    python -m benchmarks.paper_rehearsal --scale gpu --work /tmp/rehearsal   # one GPU
+    python -m benchmarks.paper_rehearsal --scale cpu --work /tmp/rehearsal --readme   # 2 cores, 3 minutes
+    python -m benchmarks.paper_rehearsal --scale gpu --work /tmp/rehearsal --readme   # one GPU
 
 The rehearsal profile is `paper.yaml` itself with only what a short run must change replaced
-(`REHEARSAL`): the corpus (embedded: the real sources need registration), the image side, step
+(`REHEARSAL`, the same at either scale): the corpus (embedded: the real sources need registration), the image side, step
 counts, batch sizes and numbers of images. Everything else, precisions included, is the paper's.
-At CPU scale the models are the tests' stand-ins (`tests/tiny_models.py`: tiny widths, the real
-classes and directory layouts); at GPU scale the generators the notebooks train are built from their
-published configurations (`benchmarks/architectures.py`). Prints one row per notebook (status,
-seconds) and, with `--out`, writes them with their provenance.
+The models are the tests' stand-ins (`tests/tiny_models.py`: tiny widths, the real classes and
+directory layouts) at either scale; on a GPU the run also takes the device's paths (placement, bf16
+autocast, bfloat16 sampling). The published sizes are measured by the other benchmarks
+(`train_step`, `sampling`). Prints one row per notebook (status, seconds) and, with `--out` or
+`--readme`, writes them with their provenance (`benchmarks/results/paper_rehearsal_<scale>.csv`).
+A failed notebook ends the run with status 1, its row saying where.
 """
 
 import copy
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 
-from benchmarks.common import arguments, device_for, device_name
+from benchmarks.common import README, RESULTS_DIR, arguments, device_for, device_name
 from medsyn.paths import PROFILES_DIR, REPO_ROOT
 
-# what a rehearsal changes in paper.yaml, per scale; the rest is the paper's
+# what a rehearsal changes in paper.yaml (on a CPU and on a GPU alike); the rest is the paper's
 REHEARSAL = {
-    "cpu": {
-        "common": {"size": 64},
-        "01_curate": {
-            "corpus": "embedded",
-            "manifests": ["rsna_pe", "chexpert", "brats", "kermany_oct", "ham10000", "kvasir_v2", "camelyon16"],
-            "corpus_patients": 10,
-            "corpus_size": 64,
-            "vlm_batch_size": 4,
-            "probe_epochs": 1,
-            "domain_clip_epochs": 1,
-        },
-        "02_train_ldm": {
-            "vae_steps": 4,
-            "vae_batch_size": 4,
-            "vae_config": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
-            "unet_steps": 4,
-            "unet_batch_size": 4,
-            "sampling_steps": 2,
-            "pretrain_images": 8,
-            "pretrain_steps": 2,
-            "finetune_steps": 3,
-            "finetune_batch_size": 2,
-            "large_lora_steps": 2,
-            "large_lora_batch_size": 2,
-        },
-        "03_train_dit_hldf": {"steps": 3, "batch_size": 4, "hldf_batch": 2, "sampling_steps": 2},
-        "04_train_vq_ar": {
-            "codes": 32,
-            "vq_config": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
-            "vq_steps": 3,
-            "vq_batch_size": 4,
-            "prompt_tokens": 12,
-            "clue_tokens": 4,
-            "lm_steps": 3,
-            "lm_batch_size": 4,
-            "ablation_per_class": 1,
-        },
-        "05_sample": {"samples_per_prompt": 2, "sampling_steps": 2, "batch_size": 8},
-        "06_fidelity": {"niqe_block": 16, "bootstrap_resamples": 20},
-        "08_downstream": {"n_real": 4, "epochs": 1, "replicates": 2, "bootstrap_resamples": 20, "batch_size": 8},
-        "09_report": {"study_per_class": 1},
+    "common": {"size": 64},
+    "01_curate": {
+        "corpus": "embedded",
+        "manifests": ["rsna_pe", "chexpert", "brats", "kermany_oct", "ham10000", "kvasir_v2", "camelyon16"],
+        "corpus_patients": 10,
+        "corpus_size": 64,
+        "vlm_batch_size": 4,
+        "probe_epochs": 1,
+        "domain_clip_epochs": 1,
     },
+    "02_train_ldm": {
+        "vae_steps": 4,
+        "vae_batch_size": 4,
+        "vae_config": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
+        "unet_steps": 4,
+        "unet_batch_size": 4,
+        "sampling_steps": 2,
+        "pretrain_images": 8,
+        "pretrain_steps": 2,
+        "finetune_steps": 3,
+        "finetune_batch_size": 2,
+        "large_lora_steps": 2,
+        "large_lora_batch_size": 2,
+    },
+    "03_train_dit_hldf": {"steps": 3, "batch_size": 4, "hldf_batch": 2, "sampling_steps": 2},
+    "04_train_vq_ar": {
+        "codes": 32,
+        "vq_config": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
+        "vq_steps": 3,
+        "vq_batch_size": 4,
+        "prompt_tokens": 12,
+        "clue_tokens": 4,
+        "lm_steps": 3,
+        "lm_batch_size": 4,
+        "ablation_per_class": 1,
+    },
+    "05_sample": {"samples_per_prompt": 2, "sampling_steps": 2, "batch_size": 8},
+    "06_fidelity": {"niqe_block": 16, "bootstrap_resamples": 20},
+    "08_downstream": {"n_real": 4, "epochs": 1, "replicates": 2, "bootstrap_resamples": 20, "batch_size": 8},
+    "09_report": {"study_per_class": 1},
 }
-REHEARSAL["gpu"] = copy.deepcopy(REHEARSAL["cpu"])
 
 
 def rehearsal_profile(scale: str, pretrained: Path, run_dir: Path) -> Path:
-    """paper.yaml with `REHEARSAL[scale]` laid over it, every `{run}/pretrained/...` path pointing into
+    """paper.yaml with `REHEARSAL` laid over it, every `{run}/pretrained/...` path pointing into
     `pretrained`, and FID's InceptionV3 weights from there; written into the run directory."""
     profile = yaml.safe_load((PROFILES_DIR / "paper.yaml").read_text())
     profile["name"] = f"paper-rehearsal-{scale}"
     profile["description"] = f"the paper profile rehearsed at {scale} scale (benchmarks/paper_rehearsal.py)"
-    for block, values in REHEARSAL[scale].items():
+    for block, values in REHEARSAL.items():
         profile.setdefault(block, {}).update(copy.deepcopy(values))
     profile["06_fidelity"]["inception_weights"] = str(pretrained / "pt_inception-2015-12-05-6726825d.pth")
     text = yaml.safe_dump(profile, sort_keys=False).replace("{run}/pretrained", str(pretrained))
@@ -93,7 +94,7 @@ def rehearsal_profile(scale: str, pretrained: Path, run_dir: Path) -> Path:
     return path
 
 
-def write_stand_ins(pretrained: Path, scale: str) -> dict[str, float]:
+def write_stand_ins(pretrained: Path) -> dict[str, float]:
     """Every pretrained model and weight file the paper profile names, with random weights, in the
     layout the profile expects; returns seconds per model."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))  # the tests' stand-ins: tiny widths, real classes
@@ -237,19 +238,76 @@ def _inception(path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
+# what each notebook runs in the paper profile that the smoke and default chains do not
+PAPER_PATHS = {
+    "01_curate": "captions from a vision-language model (LLaVA layout), reports rewritten by an LLM (Llama)",
+    "02_train_ldm": "SDXL fine-tune, FLUX.1 LoRA, Kandinsky 2.2 LoRA from its two directories; bf16",
+    "03_train_dit_hldf": "PixArt-α (T5, learned sigma) with HLDF and on templates; bf16",
+    "04_train_vq_ar": "vq-ar from a pretrained causal LM (GPT-NeoX, as Dolly-v2); bf16",
+    "05_sample": "seven families, Euler (DDIM for Kandinsky), bfloat16",
+    "06_fidelity": "FID required (InceptionV3 from its weight file)",
+    "07_privacy": "BiomedCLIP's directory layout (open_clip_pytorch_model.bin)",
+    "08_downstream": "ResNet-50 from ImageNet weights, CheXpert and HAM10000",
+    "09_report": "six readers, real-or-synthetic",
+}
+
+
+def results(run_dir: Path) -> pd.DataFrame:
+    """One row per notebook of the last run: its status, seconds, and what the paper profile runs there."""
+    record = json.loads((run_dir / "run.json").read_text())
+    ran = {n["notebook"]: n for n in record["notebooks"]}
+    return pd.DataFrame(
+        [
+            {
+                "notebook": notebook,
+                "status": ran.get(notebook, {}).get("status", "not run"),
+                "seconds": ran.get(notebook, {}).get("seconds"),
+                "paper code paths": PAPER_PATHS[notebook],
+            }
+            for notebook in record["profile"]["notebooks"]
+        ]
+    ).set_index("notebook")
+
+
 def main() -> None:
-    args = arguments(__doc__.splitlines()[0])
-    from medsyn.chain import reproduce
+    def own_options(parser):
+        parser.add_argument("--readme", action="store_true", help="rewrite the README's table from the results")
+
+    args = arguments(__doc__.splitlines()[0], own_options)
+    from medsyn.chain import ChainError, reproduce
+    from medsyn.records import save_table
 
     run_dir = args.work / f"paper-rehearsal-{args.scale}"
+    if (run_dir / "rehearsal.yaml").is_file():  # an earlier rehearsal's run: each run starts afresh
+        shutil.rmtree(run_dir)
     pretrained = args.work / "pretrained" / args.scale
-    built = write_stand_ins(pretrained, args.scale)
+    built = write_stand_ins(pretrained)
     profile = rehearsal_profile(args.scale, pretrained, run_dir)
     began = time.perf_counter()
     try:
-        reproduce(profile, run_dir, progress=True, resume=(run_dir / "run.json").is_file())
-    finally:
-        print(f"chain: {time.perf_counter() - began:.0f} s on {device_name(device_for(args.scale))}; built {built}")
+        reproduce(profile, run_dir, progress=True)
+    except ChainError as error:  # the table shows where it stopped; the error says why
+        print(error, file=sys.stderr)
+    table = results(run_dir)
+    print(table.to_string())
+    print(f"chain: {time.perf_counter() - began:.0f} s on {device_name(device_for(args.scale))}")
+    if args.out or args.readme:
+        out = args.out or RESULTS_DIR / f"paper_rehearsal_{args.scale}.csv"
+        parameters = {
+            "scale": args.scale,
+            "device": device_name(device_for(args.scale)),
+            "torch": torch.__version__,
+            "rehearsal": REHEARSAL,
+            "stand_in_seconds": built,
+        }
+        save_table(table, out, parameters, [profile])
+        if args.readme:
+            from medsyn.readme import write_readme_tables
+
+            used = write_readme_tables(README, README.parent, only=str(out.resolve().parent.relative_to(README.parent)))
+            print(f"README: wrote {', '.join(used)}")
+    if (table["status"] != "ok").any():
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
