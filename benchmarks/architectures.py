@@ -1,6 +1,7 @@
 """The papers' architectures from their published configurations, with random weights (nothing is
-downloaded): the SDXL base 1.0 and Stable Diffusion 1.5 U-Nets, text encoders and VAEs as their
-`config.json` files on the hub give them, and at CPU scale the same classes with small widths.
+downloaded): the SDXL base 1.0 and Stable Diffusion 1.5 U-Nets, text encoders and VAEs and the
+PixArt-α XL transformer as their `config.json` files on the hub give them, and at CPU scale the same
+classes with small widths.
 
 The configurations are typed here because the hub cannot be reached; each is the diffusers /
 transformers config of the named checkpoint, with defaults left out."""
@@ -69,6 +70,37 @@ SCHEDULER = {
     "timestep_spacing": "leading",
 }
 
+# PixArt-alpha/PixArt-XL-2-512x512, transformer/config.json (611 M parameters; Med-Art's base): ε and a
+# learned variance (8 output channels), AdaLN-single, T5-XXL captions (4,096 channels); the SD VAE
+PIXART_XL_512 = {
+    "sample_size": 64,
+    "num_layers": 28,
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "patch_size": 2,
+    "cross_attention_dim": 1152,
+    "caption_channels": 4096,
+    "norm_type": "ada_norm_single",
+    "num_embeds_ada_norm": 1000,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+}
+PIXART_SCHEDULER = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+# T5-v1.1-XXL's encoder at its width (4,096: the transformer's caption channels) with 2 of its 24
+# layers: the training step reads cached prompt embeddings, so the tower's depth is not timed
+T5_XXL_SHALLOW = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 2,
+    "feed_forward_proj": "gated-gelu",
+}
+
 # CPU scale: the same classes and block layouts, narrow and shallow
 SMALL = {
     "sdxl_unet": {
@@ -107,12 +139,30 @@ SMALL = {
         "projection_dim": 64,
     },
     "vae": {**VAE, "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 16},
+    "pixart": {
+        **PIXART_XL_512,
+        "sample_size": 16,
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "cross_attention_dim": 32,
+        "caption_channels": 64,
+    },
+    "t5": {**T5_XXL_SHALLOW, "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4},
 }
 
 
 def configurations(scale: str) -> dict:
     if scale == "gpu":
-        return {"sdxl_unet": SDXL_UNET, "sd15_unet": SD15_UNET, "clip_l": CLIP_L, "clip_bigg": CLIP_BIGG, "vae": VAE}
+        return {
+            "sdxl_unet": SDXL_UNET,
+            "sd15_unet": SD15_UNET,
+            "clip_l": CLIP_L,
+            "clip_bigg": CLIP_BIGG,
+            "vae": VAE,
+            "pixart": PIXART_XL_512,
+            "t5": T5_XXL_SHALLOW,
+        }
     return SMALL
 
 
@@ -197,6 +247,31 @@ def build_pipeline(kind: str, scale: str, work: Path, device: torch.device, seed
             )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def save_pixart(scale: str, directory: Path, seed: int = 0) -> Path:
+    """A random-weight `PixArtAlphaPipeline` of PixArt-XL-2-512x512's transformer ('gpu' scale) or a
+    small one ('cpu'), with the SD VAE and a T5 tower of T5-XXL's width, saved in `directory` (the
+    form medsyn's loop takes, `train_dit(pretrained_dir=...)`); float32, built on the CPU."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from benchmarks.common import stand_ins
+
+    if (directory / "model_index.json").is_file():
+        return directory
+    configs = configurations(scale)
+    tokenizer = stand_ins().t5_tokenizer(directory / "tokenizer")  # T5's layout; its vocabulary is not timed
+    torch.manual_seed(seed)
+    pipeline = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=T5EncoderModel(T5Config(vocab_size=len(tokenizer), **configs["t5"])),
+        vae=AutoencoderKL(**configs["vae"], scaling_factor=0.18215),
+        transformer=PixArtTransformer2DModel(**configs["pixart"]),
+        scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER),
+    )
+    pipeline.save_pretrained(directory)
+    return directory
 
 
 def parameters_of(module) -> int:

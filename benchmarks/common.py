@@ -5,6 +5,7 @@ import argparse
 import gc
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,18 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def stand_ins():
+    """The tests' builders of stand-in models (`tests/tiny_models.py`: the real classes and layouts,
+    tiny widths), which the benchmarks use rather than copy."""
+    tests = str(README.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import tiny_models
+
+    return tiny_models
+
 
 # one row per measurement; `ratio` is the row's throughput over its benchmark's baseline row
 COLUMNS = [

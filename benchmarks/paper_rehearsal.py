@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 import yaml
 
-from benchmarks.common import README, RESULTS_DIR, arguments, device_for, device_name
-from medsyn.paths import PROFILES_DIR, REPO_ROOT
+from benchmarks.common import README, RESULTS_DIR, arguments, device_for, device_name, stand_ins
+from medsyn.paths import PROFILES_DIR
 
 # what a rehearsal changes in paper.yaml (on a CPU and on a GPU alike); the rest is the paper's
 REHEARSAL = {
@@ -46,6 +46,10 @@ REHEARSAL = {
         "domain_clip_epochs": 1,
     },
     "02_train_ldm": {
+        # the compact families' sentence encoder through the same loader (`bert`: a local directory)
+        # from a stand-in, so that a GPU machine needs no 83 MB wheel of the real one
+        "text_encoder": "bert",
+        "text_encoder_path": "{run}/pretrained/all-MiniLM-L6-v2",
         "vae_steps": 4,
         "vae_batch_size": 4,
         "vae_config": {"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
@@ -59,7 +63,14 @@ REHEARSAL = {
         "large_lora_steps": 2,
         "large_lora_batch_size": 2,
     },
-    "03_train_dit_hldf": {"steps": 3, "batch_size": 4, "hldf_batch": 2, "sampling_steps": 2},
+    "03_train_dit_hldf": {
+        "text_encoder": "bert",
+        "text_encoder_path": "{run}/pretrained/all-MiniLM-L6-v2",
+        "steps": 3,
+        "batch_size": 4,
+        "hldf_batch": 2,
+        "sampling_steps": 2,
+    },
     "04_train_vq_ar": {
         "codes": 32,
         "vq_config": {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
@@ -97,9 +108,7 @@ def rehearsal_profile(scale: str, pretrained: Path, run_dir: Path) -> Path:
 def write_stand_ins(pretrained: Path) -> dict[str, float]:
     """Every pretrained model and weight file the paper profile names, with random weights, in the
     layout the profile expects; returns seconds per model."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))  # the tests' stand-ins: tiny widths, real classes
-    import tiny_models
-
+    tiny_models = stand_ins()
     seconds = {}
     builders = {
         "stable-diffusion-xl-base-1.0": lambda d: _pipeline_at(d, tiny_models.save_tiny_sd, xl=True),
@@ -113,6 +122,7 @@ def write_stand_ins(pretrained: Path) -> dict[str, float]:
         "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": lambda d: _open_clip(d, tiny_models.TINY_CLIP),
         "resnet50-imagenet1k-v2.pth": _resnet50,
         "pt_inception-2015-12-05-6726825d.pth": _inception,
+        "all-MiniLM-L6-v2": _bert,
     }
     pretrained.mkdir(parents=True, exist_ok=True)
     for name, build in builders.items():
@@ -214,6 +224,31 @@ def _open_clip(directory: Path, config: dict) -> None:
     weights = directory / "open_clip_model.safetensors"
     torch.save(load_file(weights), directory / "open_clip_pytorch_model.bin")
     weights.unlink()
+
+
+def _bert(directory: Path) -> None:
+    """all-MiniLM-L6-v2's layout (a BERT with a WordPiece tokenizer) at tiny widths: every character a
+    piece, so any prompt tokenizes."""
+    import string
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True)
+    characters = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *("##" + c for c in characters)]
+    (directory / "vocab.txt").write_text("\n".join(pieces) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(pieces),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(directory)
 
 
 def _resnet50(path: Path) -> None:

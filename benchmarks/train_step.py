@@ -1,6 +1,8 @@
 """Training-step throughput of medsyn's fine-tuning loop (`medsyn.training.ldm_finetune.finetune_unet`,
 MediSyn's recipe) against a baseline set up as diffusers' `examples/text_to_image/train_text_to_image_sdxl.py`
-runs with its defaults, on the SDXL base and SD 1.5 U-Nets at 512² (random weights, real configurations).
+runs with its defaults, on the SDXL base and SD 1.5 U-Nets at 512² (random weights, real configurations);
+and of Med-Art's loop (`medsyn.training.dit_hldf.train_dit` from a pretrained directory) against the
+same baseline step on PixArt-α XL's transformer, with and without its pixel-space term (HLDF).
 
 The baseline, as that script's defaults have it: float32 (no `--mixed_precision`), diffusers' default
 attention (PyTorch SDPA), `torch.optim.AdamW` (its default multi-tensor loop), no gradient
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.architectures import build_pipeline, parameters_of
+from benchmarks.architectures import build_pipeline, parameters_of, save_pixart
 from benchmarks.common import (
     COMPILE_SECONDS,
     arguments,
@@ -88,45 +90,66 @@ def conditioning(pipeline, batch: int, size: int, device) -> dict:
     return out
 
 
-def training_flops_per_image(unet, latent: int, condition: dict, device) -> float:
-    """Forward + backward FLOPs of one image through the U-Net (torch.utils.flop_counter)."""
+def training_flops_per_image(denoiser, latent: int, condition: dict, device) -> float:
+    """Forward + backward FLOPs of one image through a U-Net or a transformer (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    one = {k: ({kk: vv[:1] for kk, vv in v.items()} if isinstance(v, dict) else v[:1]) for k, v in condition.items()}
-    x = torch.randn(1, unet.config.in_channels, latent, latent, device=device)
+    x = torch.randn(1, denoiser.config.in_channels, latent, latent, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
-        unet(x, torch.tensor([500], device=device), **one).sample.float().pow(2).mean().backward()
-    unet.zero_grad(set_to_none=True)
+        prediction = denoiser(x, timestep=torch.tensor([500], device=device), **first(condition, 1), return_dict=False)
+        prediction[0].float().pow(2).mean().backward()
+    denoiser.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
+
+
+def first(condition: dict, n: int) -> dict:
+    """The conditioning of the first `n` images (None entries, PixArt's unused size conditions, kept)."""
+    return {k: first(v, n) if isinstance(v, dict) else (v if v is None else v[:n]) for k, v in condition.items()}
 
 
 def baseline_steps(pipeline, batch: int, size: int, warmup: int, steps: int, device) -> list[float]:
     """train_text_to_image_sdxl.py's step with its defaults (see the module docstring); seconds per step."""
     from diffusers import DDPMScheduler
 
-    unet = pipeline.unet.train().requires_grad_(True)
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     condition = conditioning(pipeline, batch, size, device)
-    latent = size // pipeline.vae_scale_factor
-    model_input = torch.randn(batch, unet.config.in_channels, latent, latent, device=device)  # cached latents
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    return denoiser_steps(
+        pipeline.unet,
+        DDPMScheduler.from_config(pipeline.scheduler.config),
+        condition,
+        batch,
+        size // pipeline.vae_scale_factor,
+        warmup,
+        steps,
+        device,
+    )
+
+
+def denoiser_steps(
+    denoiser, noise_scheduler, condition: dict, batch: int, latent: int, warmup: int, steps: int, device
+) -> list[float]:
+    """The baseline's training step on any denoiser (a learned variance's half of the output left out of
+    the MSE, as medsyn's loops leave it); seconds per step after `warmup`."""
+    denoiser.train().requires_grad_(True)
+    model_input = torch.randn(batch, denoiser.config.in_channels, latent, latent, device=device)  # cached latents
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     times = []
     for _ in range(warmup + steps):
         began = time.perf_counter()
         noise = torch.randn_like(model_input)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), device=device).long()
         noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
-        prediction = unet(noisy, timesteps, **condition, return_dict=False)[0]
+        prediction = denoiser(noisy, timestep=timesteps, **condition, return_dict=False)[0]
+        prediction = prediction[:, : noise.shape[1]]
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float(), reduction="mean")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         loss.item()  # the script logs the loss every step
         times.append(time.perf_counter() - began)
     del optimizer
-    unet.zero_grad(set_to_none=True)
+    denoiser.zero_grad(set_to_none=True)
     return times[warmup:]
 
 
@@ -186,7 +209,8 @@ def variants(scale: str) -> list[tuple[str, dict]]:
 
 
 def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dict]:
-    """Append one row per measurement to `rows` as it is made (a run cut short keeps them); return them."""
+    """Append one row per measurement to `rows` as it is made (a run cut short keeps them), the U-Nets'
+    then PixArt-α's (`measure_pixart`); return them."""
     device = device_for(args.scale)
     settings = SETTINGS[args.scale]
     peak = matmul_peak(
@@ -255,6 +279,87 @@ def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dic
             rows.append(step_row(model, variant, batch, times, flops, peak, device, note))
         del pipeline
         reset_peak_memory(device)
+    return measure_pixart(args, rows)
+
+
+def pixart_condition(transformer, batch: int, device) -> dict:
+    """PixArt's conditioning of `batch` images as cached: 120 T5 token embeddings and their mask; no
+    size conditions at 512 px."""
+    return {
+        "encoder_hidden_states": torch.randn(batch, 120, transformer.config.caption_channels, device=device),
+        "encoder_attention_mask": torch.ones(batch, 120, device=device),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+
+
+def pixart_variants(scale: str, batch: int) -> list[tuple[str, dict]]:
+    """medsyn's settings of Med-Art's loop, each adding one thing; EMA off throughout (the baseline has none)."""
+    listed = [
+        ("medsyn: bf16 autocast, fused AdamW", {"mixed_precision": "bf16", "hldf_weight": 0.0}),
+        (
+            "+ HLDF pixel term (Med-Art; a quarter of the batch decoded)",
+            {"mixed_precision": "bf16", "hldf_weight": 1.0, "hldf_batch": max(1, batch // 4)},
+        ),
+    ]
+    if scale == "cpu":
+        listed.insert(0, ("medsyn: float32, fused AdamW", {"mixed_precision": "no", "hldf_weight": 0.0}))
+    return listed
+
+
+def measure_pixart(args, rows: list | None = None) -> list[dict]:
+    """Med-Art's fine-tune of PixArt-α (`train_dit` from a pretrained directory) against the baseline
+    step on the same transformer; one row per measurement, appended as it is made."""
+    from diffusers import DDPMScheduler, PixArtAlphaPipeline
+
+    from medsyn.training.dit_hldf import train_dit
+
+    device = device_for(args.scale)
+    settings = SETTINGS[args.scale]
+    peak = matmul_peak(
+        device, torch.bfloat16 if device.type == "cuda" else torch.float32, 8192 if device.type == "cuda" else 1024
+    )
+    dataset = write_images(args.work / f"images_{settings['size']}", settings["images"], settings["size"])
+    directory = save_pixart(args.scale, args.work / f"pixart_{args.scale}")
+    pipeline = PixArtAlphaPipeline.from_pretrained(directory, local_files_only=True)
+    transformer = pipeline.transformer.to(device)
+    model = f"PixArt-α XL transformer ({parameters_of(transformer) / 1e9:.2f} B), {settings['size']}²"
+    latent, batch = settings["size"] // pipeline.vae_scale_factor, settings["batch"]
+    flops = training_flops_per_image(transformer, latent, pixart_condition(transformer, 1, device), device)
+    print(f"{model}: {flops / 1e9:.3g} GFLOP per training image", flush=True)
+    rows = [] if rows is None else rows
+    reset_peak_memory(device)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    condition = pixart_condition(transformer, batch, device)
+    times = denoiser_steps(
+        transformer, noise_scheduler, condition, batch, latent, settings["warmup"], settings["steps"], device
+    )
+    rows.append(step_row(model, "baseline: the same step (float32, SDPA, AdamW)", batch, times, flops, peak, device))
+    del pipeline, transformer, condition
+    reset_peak_memory(device)
+    for variant, options in pixart_variants(args.scale, batch):
+        reset_peak_memory(device)
+        began = time.perf_counter()
+        try:
+            result = train_dit(
+                dataset,
+                args.work / "run_pixart",
+                pretrained_dir=directory,
+                steps=settings["warmup"] + settings["steps"],
+                batch_size=batch,
+                ema_decay=None,
+                checkpoint_every=0,
+                validation_every=0,
+                resume=False,
+                progress=False,
+                **options,
+            )
+        except torch.OutOfMemoryError as error:
+            rows.append(row("training step", model, variant, batch=batch, note=f"out of memory: {error}"[:200]))
+            continue
+        note = f"first {settings['warmup']} steps (warm-up) not timed; run {time.perf_counter() - began:.0f} s"
+        rows.append(
+            step_row(model, variant, batch, result["step_seconds"][settings["warmup"] :], flops, peak, device, note)
+        )
     return rows
 
 

@@ -87,13 +87,13 @@ def clip_tower(directory: Path, vocab_size: int, hidden: int, projection: bool =
     (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(directory)
 
 
-def t5_tokenizer_and_tower(directory: Path, hidden: int = 32) -> None:
-    """A T5 tokenizer (a unigram model over single characters, with T5's `</s>` appended and `<pad>`)
-    in `<directory>/tokenizer` and a random T5 encoder in `<directory>/text_encoder`: PixArt's / FLUX's layout."""
+def t5_tokenizer(directory: Path):
+    """A T5 tokenizer (a unigram model over single characters, with T5's `</s>` appended and `<pad>`),
+    saved in `directory` and returned."""
     import string
 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5TokenizerFast
 
     characters = string.ascii_letters + string.digits
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -105,7 +105,16 @@ def t5_tokenizer_and_tower(directory: Path, hidden: int = 32) -> None:
     tokenizer = T5TokenizerFast(
         tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
     )
-    tokenizer.save_pretrained(directory / "tokenizer")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def t5_tokenizer_and_tower(directory: Path, hidden: int = 32) -> None:
+    """`t5_tokenizer` in `<directory>/tokenizer` and a random T5 encoder in `<directory>/text_encoder`:
+    PixArt's / FLUX's layout."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_tokenizer(directory / "tokenizer")
     torch.manual_seed(0)
     T5EncoderModel(
         T5Config(

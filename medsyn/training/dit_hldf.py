@@ -31,6 +31,7 @@ diffusers `PixArtAlphaPipeline` directory.
 """
 
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -264,7 +265,8 @@ def train_dit(
 
     Returns:
         {'pipeline_dir', 'lora_dir' (or None), 'steps', 'trained_parameters', 'loss_history',
-        'pixel_history'} (latent loss and pixel term of each step run here).
+        'pixel_history', 'step_seconds'}: latent loss, pixel term and wall-clock seconds of each step
+        run here (the losses are read every step, so each step's work is done when it is timed).
     """
     recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
@@ -342,9 +344,10 @@ def train_dit(
     start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     validation_prompts = validation_prompts or prompts[:8]
 
-    history, pixel_history = [], []
+    history, pixel_history, step_seconds = [], [], []
     bar = progress_bar(steps, start, "dit-hldf", progress and accelerator.is_local_main_process)
     for step in range(start, steps):
+        began = time.perf_counter()
         hldf = hldf_schedule(step, hldf_weight, hldf_start, hldf_ramp)
         latent_total = pixel_total = 0.0
         for micro in range(gradient_accumulation_steps):
@@ -417,6 +420,7 @@ def train_dit(
                 done,
                 {"loss": latent_total, "pixel": pixel_total, "recipe": recipe},
             )
+        step_seconds.append(time.perf_counter() - began)  # with a checkpoint written at its end, if any
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline.transformer = accelerator.unwrap_model(transformer).eval()
@@ -448,4 +452,5 @@ def train_dit(
         "trained_parameters": sum(p.numel() for p in trainable),
         "loss_history": history,
         "pixel_history": pixel_history,
+        "step_seconds": step_seconds,
     }
