@@ -329,3 +329,28 @@ def test_preflight_counts_what_is_there_and_what_the_chain_writes_itself(tmp_pat
     assert check_profile("smoke", tmp_path / "smoke") == []
     with pytest.raises(PreflightError, match="embedder_dir"):
         reproduce("default", tmp_path / "d", overrides={"embedder_dir": str(tmp_path / "nowhere")}, progress=False)
+
+
+def test_the_paper_rehearsal_has_every_model_the_paper_profile_reads(tmp_path, monkeypatch):
+    """`benchmarks/paper_rehearsal.py` is paper.yaml with only its `REHEARSAL` changes, and its stand-ins
+    leave the preflight nothing missing: a model the paper profile comes to read needs a stand-in
+    there before the rehearsal can run (README, "The `paper` profile, rehearsed")."""
+    from benchmarks.paper_rehearsal import REHEARSAL, rehearsal_profile, write_stand_ins
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("MEDSYN_INCEPTION_WEIGHTS", raising=False)
+    pretrained, run_dir = tmp_path / "pretrained", tmp_path / "run"
+    write_stand_ins(pretrained)
+    path = rehearsal_profile("cpu", pretrained, run_dir)
+    assert check_profile(path, run_dir) == []
+    rehearsal, paper = load_profile(path), load_profile("paper")
+    for block in paper:
+        if block in ("name", "description"):
+            continue
+        kept = (
+            {k: v for k, v in paper[block].items() if k not in REHEARSAL.get(block, {})}
+            if isinstance(paper[block], dict)
+            else paper[block]
+        )
+        ours = {k: v for k, v in rehearsal[block].items() if k in kept} if isinstance(kept, dict) else rehearsal[block]
+        assert json.loads(json.dumps(ours).replace(str(pretrained), "{run}/pretrained")) == kept, block
