@@ -148,23 +148,11 @@ def _pipeline_at(directory: Path, save, **kw) -> None:
 
 def _kandinsky(decoder_dir: Path, tiny_models) -> None:
     """The published pair of directories (prior, decoder) from one combined pipeline."""
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
-
     from medsyn.sampling import load_pipeline
 
     scratch = decoder_dir.with_name("kandinsky.parts")
     combined = load_pipeline(tiny_models.save_tiny_kandinsky(scratch))
-    prior = combined.prior_pipe
-    KandinskyV22PriorPipeline(
-        prior=prior.prior,
-        image_encoder=prior.image_encoder,
-        text_encoder=prior.text_encoder,
-        tokenizer=prior.tokenizer,
-        scheduler=prior.scheduler,
-        image_processor=prior.image_processor,
-    ).save_pretrained(decoder_dir.with_name("kandinsky-2-2-prior"))
-    decoder = combined.decoder_pipe
-    KandinskyV22Pipeline(unet=decoder.unet, scheduler=decoder.scheduler, movq=decoder.movq).save_pretrained(decoder_dir)
+    tiny_models.split_kandinsky(combined, decoder_dir.with_name("kandinsky-2-2-prior"), decoder_dir)
     shutil.rmtree(scratch)
 
 

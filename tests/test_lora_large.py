@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_flux, save_tiny_kandinsky, write_tiny_dataset
+from tiny_models import save_tiny_flux, save_tiny_kandinsky, split_kandinsky, write_tiny_dataset
 
 from medsyn.sampling import generate, image_size, load_pipeline, optimise_for_sampling, set_scheduler
 from medsyn.training.lora_large import combine_kandinsky, finetune_flux, finetune_kandinsky, load_local
@@ -136,21 +136,9 @@ def test_kandinsky_lora_on_prior_and_decoder(tiny, tmp_path):
 
 def test_kandinsky_from_the_two_published_directories(tiny, tmp_path):
     """kandinsky-2-2-prior and kandinsky-2-2-decoder are separate repositories: one call combines them."""
-    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
-
     combined = load_local(tiny["kandinsky"], "KandinskyV22CombinedPipeline")
-    KandinskyV22PriorPipeline(
-        prior=combined.prior_prior,
-        image_encoder=combined.prior_image_encoder,
-        text_encoder=combined.prior_text_encoder,
-        tokenizer=combined.prior_tokenizer,
-        scheduler=combined.prior_scheduler,
-        image_processor=combined.prior_image_processor,
-    ).save_pretrained(tmp_path / "prior")
-    KandinskyV22Pipeline(unet=combined.unet, scheduler=combined.scheduler, movq=combined.movq).save_pretrained(
-        tmp_path / "decoder"
-    )
-    out = combine_kandinsky(tmp_path / "prior", tmp_path / "decoder", tmp_path / "combined")
+    prior, decoder = split_kandinsky(combined, tmp_path / "prior", tmp_path / "decoder")
+    out = combine_kandinsky(prior, decoder, tmp_path / "combined")
     a = generate(load_pipeline(out), ["A red disc."], per_prompt=1, seed=0, steps=3)
     b = generate(combined, ["A red disc."], per_prompt=1, seed=0, steps=3)
     assert _same_images(a, b)

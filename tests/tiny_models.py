@@ -357,6 +357,25 @@ def save_tiny_kandinsky(directory: Path) -> Path:
     return directory / "pipeline"
 
 
+def split_kandinsky(combined, prior_dir: Path, decoder_dir: Path) -> tuple[Path, Path]:
+    """Save a Kandinsky 2.2 combined pipeline as the two directories it is published as
+    (kandinsky-2-2-prior and kandinsky-2-2-decoder)."""
+    from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+
+    KandinskyV22PriorPipeline(
+        prior=combined.prior_prior,
+        image_encoder=combined.prior_image_encoder,
+        text_encoder=combined.prior_text_encoder,
+        tokenizer=combined.prior_tokenizer,
+        scheduler=combined.prior_scheduler,
+        image_processor=combined.prior_image_processor,
+    ).save_pretrained(prior_dir)
+    KandinskyV22Pipeline(unet=combined.unet, scheduler=combined.scheduler, movq=combined.movq).save_pretrained(
+        decoder_dir
+    )
+    return Path(prior_dir), Path(decoder_dir)
+
+
 def save_tiny_vlm(directory: Path, words: list[str]) -> Path:
     """A LLaVA (CLIP vision tower, Llama language model) of a real architecture, saved with its
     processor, whose greedy answer to any image and prompt is exactly `words`, then end of sequence.
