@@ -48,6 +48,7 @@ from medsyn.training.common import (
     save_checkpoint,
     save_validation_grid,
     step_generator,
+    storage_dtype,
     training_recipe,
 )
 
@@ -172,8 +173,11 @@ def finetune_flux(
         max_sequence_length: T5 tokens per prompt, in training and in the saved pipeline's sampling.
         caption_dropout: probability of training on the empty prompt (FLUX.1-dev has no CFG: 0).
         ema_decay: EMA of the adapters, saved instead of the raw ones (None: no EMA).
-        max_grad_norm, mixed_precision, gradient_checkpointing, checkpoint_every, validation_every,
-        validation_prompts, seed, resume, progress: as in the other loops.
+        mixed_precision: as in the other loops; 'bf16' or 'fp16' also stores the frozen weights (the
+            transformer's base, both text encoders) in that dtype (`add_lora`'s `frozen_dtype`); the
+            adapters train in float32 and the saved pipeline is float32.
+        max_grad_norm, gradient_checkpointing, checkpoint_every, validation_every, validation_prompts,
+        seed, resume, progress: as in the other loops.
         guidance_scale, sampling_steps: the validation grid's sampler.
 
     Returns:
@@ -190,6 +194,9 @@ def finetune_flux(
     set_seed(seed)
 
     pipeline = load_local(pretrained_dir, "FluxPipeline").to(accelerator.device)
+    frozen_dtype = storage_dtype(mixed_precision)  # the text encoders' and the transformer's base weights
+    for text_encoder in (pipeline.text_encoder, pipeline.text_encoder_2):
+        text_encoder.to(frozen_dtype or text_encoder.dtype)
     _frozen(pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2)
     pipeline.tokenizer_2.model_max_length = max_sequence_length  # what the saved pipeline samples with
     records = split_records(dataset_dir, "train")
@@ -212,7 +219,7 @@ def finetune_flux(
     scaling, shift = pipeline.vae.config.scaling_factor, pipeline.vae.config.shift_factor or 0.0
 
     transformer = pipeline.transformer.train()
-    trainable = add_lora(transformer, lora_rank, lora_alpha, FLUX_LORA_TARGETS)
+    trainable = add_lora(transformer, lora_rank, lora_alpha, FLUX_LORA_TARGETS, frozen_dtype)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     sigmas = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config).sigmas.float()
@@ -303,6 +310,8 @@ def finetune_flux(
             from peft.utils import get_peft_model_state_dict
 
             type(pipeline).save_lora_weights(lora_dir, transformer_lora_layers=get_peft_model_state_dict(final))
+            # float32 throughout, as diffusers and transformers load it back, the adapters merged in float32
+            _frozen(final.float(), pipeline.text_encoder.float(), pipeline.text_encoder_2.float())
             merge_adapters(final)
             final.register_to_config(sample_size=height)  # the saved pipeline samples at the trained size
             pipeline.transformer = final
@@ -388,8 +397,9 @@ def finetune_kandinsky(
         train_prior: also adapt the prior (text -> image embedding); False trains the decoder only.
         caption_dropout: probability of training a sample on the unconditional inputs.
         snr_gamma: Min-SNR γ of the decoder loss; None for plain MSE.
-        ema_decay, max_grad_norm, mixed_precision, checkpoint_every, validation_every, validation_prompts,
-        seed, resume, progress: as in the other loops.
+        mixed_precision: as in `finetune_flux` (frozen: both denoisers' base weights, the CLIP towers).
+        ema_decay, max_grad_norm, checkpoint_every, validation_every, validation_prompts, seed, resume,
+        progress: as in the other loops.
         guidance_scale, sampling_steps: the validation grid's sampler (decoder).
 
     Returns:
@@ -407,6 +417,9 @@ def finetune_kandinsky(
     set_seed(seed)
 
     pipeline = load_local(pretrained_dir, "KandinskyV22CombinedPipeline").to(accelerator.device)
+    frozen_dtype = storage_dtype(mixed_precision)  # the CLIP towers' and the denoisers' base weights
+    for tower in (pipeline.prior_image_encoder, pipeline.prior_text_encoder):
+        tower.to(frozen_dtype or tower.dtype)
     _frozen(pipeline.movq, pipeline.prior_image_encoder, pipeline.prior_text_encoder)
     records = split_records(dataset_dir, "train")
     prompts, prompt_of = prompt_rows(records)
@@ -424,13 +437,13 @@ def finetune_kandinsky(
     channels = latents_all.shape[1]
 
     unet, prior = pipeline.unet.train(), pipeline.prior_prior
-    trainable = add_lora(unet, lora_rank, lora_alpha)
-    prior.requires_grad_(False)
+    # the prior is trained in CLIP-normalised embedding space with its own (cosine, x_0-predicting) schedule
+    clip_mean, clip_std = prior.clip_mean.detach().cpu().float(), prior.clip_std.detach().cpu().float()
+    trainable = add_lora(unet, lora_rank, lora_alpha, frozen_dtype=frozen_dtype)
+    prior.requires_grad_(False).to(frozen_dtype or prior.dtype)
     if train_prior:
         prior.train()
-        trainable += add_lora(prior, lora_rank, lora_alpha)
-    # the prior is trained in CLIP-normalised embedding space with its own (cosine, x_0-predicting) schedule
-    clip_mean, clip_std = prior.clip_mean.detach().cpu(), prior.clip_std.detach().cpu()
+        trainable += add_lora(prior, lora_rank, lora_alpha, frozen_dtype=frozen_dtype)
     decoder_schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
     prior_schedule = pipeline.prior_scheduler
     optimizer, lr_scheduler, ema = _optimisation(trainable, lr, lr_warmup_steps, ema_decay)
@@ -534,6 +547,14 @@ def finetune_kandinsky(
             finals = {"decoder": accelerator.unwrap_model(unet)}
             if train_prior:
                 finals["prior"] = accelerator.unwrap_model(prior)
+            # float32 throughout, as diffusers and transformers load it back, the adapters merged in float32
+            for model in (
+                *finals.values(),
+                pipeline.prior_prior,
+                pipeline.prior_image_encoder,
+                pipeline.prior_text_encoder,
+            ):
+                model.float()
             for name, model in finals.items():
                 model.save_lora_adapter(lora_dir / name)
                 merge_adapters(model)
