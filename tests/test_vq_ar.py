@@ -153,7 +153,8 @@ def test_two_launched_processes_train_the_lm_one_process_trains(tiny, tmp_path, 
 
 def test_an_interrupted_launch_leaves_no_process_running(tiny, tmp_path, monkeypatch):
     """A notebook interrupted while its LM trains in processes (Ctrl-C, a kernel interrupt) stops the
-    launcher and the training processes with it, rather than leaving them to train unseen."""
+    launcher and the training processes with it, rather than leaving them to train unseen; so does
+    one interrupted while it waits for a loop in a process of its own."""
     import os
     import subprocess
     import sys
@@ -191,6 +192,15 @@ def test_an_interrupted_launch_leaves_no_process_running(tiny, tmp_path, monkeyp
     else:
         pytest.fail("training processes still running after the interrupt")
     assert not (tmp_path / "lm" / "pipeline").exists()
+    # a loop in a process of its own (`start`) whose wait is interrupted stops too, and says so when asked again
+    apart = processes.start(train_lm, 1, tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "own", steps=500, **LM)
+    monkeypatch.setattr(sys, "stderr", Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        apart.result()
+    monkeypatch.undo()
+    assert apart._child.poll() is not None and not (tmp_path / "own" / "pipeline").exists()
+    with pytest.raises(RuntimeError, match="was stopped: its wait was interrupted"):
+        apart.result()
 
 
 def test_a_loop_started_in_a_process_of_its_own_trains_what_it_trains_here(tiny, tmp_path, capsys):
@@ -219,9 +229,12 @@ def test_a_loop_started_in_a_process_of_its_own_trains_what_it_trains_here(tiny,
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert start(train_lm, None, tiny["data"], vq_dir, tmp_path / "here", **lm).result()["loss_history"] == []
     failed = start(train_lm, 1, tiny["data"], vq_dir, tmp_path / "bad", **{**lm, "prompt_field": "caption"})
-    with pytest.raises(RuntimeError, match="prompt_field must be 'text' or 'report'"):
+    with pytest.raises(RuntimeError, match="prompt_field must be 'text' or 'report'") as first:
         failed.result()
     assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError) as again:  # asked again: the same error, not a closed log's
+        failed.result()
+    assert again.value is first.value and torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="at least 1"):
         start(train_lm, 0, tiny["data"], vq_dir, tmp_path / "none")
 

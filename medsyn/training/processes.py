@@ -83,7 +83,7 @@ class Started:
     """A training loop running in a process of its own (`start`); `result()` waits for it."""
 
     def __init__(self, function, threads: int | None, args: tuple, kwargs: dict):
-        self.name, self._child = function.__qualname__, None
+        self.name, self._child, self._error = function.__qualname__, None, None
         if threads is None:  # here and now: the handle is finished when it is made
             self._value = function(*args, **kwargs)
             return
@@ -107,7 +107,10 @@ class Started:
 
     def result(self) -> dict:
         """Wait for the loop, writing its output here meanwhile; its result (paths as strings), or
-        `RuntimeError` with the end of its output. This process gets its threads back."""
+        `RuntimeError` with the end of its output. This process gets its threads back. A later call
+        returns the same result or raises the same error."""
+        if self._error is not None:
+            raise self._error
         if self._child is None:
             return self._value
         decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), collections.deque(maxlen=256)
@@ -120,13 +123,20 @@ class Started:
                 time.sleep(0.5)
         except BaseException:
             _stop(self._child)
+            self._error = RuntimeError(f"{self.name} in a process of its own was stopped: its wait was interrupted")
             raise
         finally:
             self._output.close()
             torch.set_num_threads(self._threads_before)
         tail = None if self._child.returncode == 0 else "".join(tail)[-20000:]
-        self._value, self._child = _returned(self._result, tail, f"{self.name} in a process of its own"), None
-        self._scratch.cleanup()
+        self._child = None
+        try:
+            self._value = _returned(self._result, tail, f"{self.name} in a process of its own")
+        except RuntimeError as error:
+            self._error = error
+            raise
+        finally:
+            self._scratch.cleanup()
         return self._value
 
 
