@@ -203,6 +203,42 @@ def test_an_interrupted_launch_leaves_no_process_running(tiny, tmp_path, monkeyp
         apart.result()
 
 
+def test_a_loop_stops_when_the_notebook_that_started_it_is_gone(tiny, tmp_path):
+    """A kernel restarted or killed runs no `except`: the loop it started in a process of its own sees
+    that it is gone and stops, rather than training on unseen."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medsyn.training.processes import _alive
+
+    kernel = tmp_path / "kernel.py"
+    kernel.write_text(
+        "import time\n"
+        "from medsyn.training.processes import start\n"
+        "from medsyn.training.vq_ar import train_lm\n"
+        f"started = start(train_lm, 1, {str(tiny['data'])!r}, {str(tiny['vq']['vq_dir'])!r}, "
+        f"{str(tmp_path / 'lm')!r}, steps=100000, **{LM!r})\n"
+        "print(started._child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    notebook = subprocess.Popen([sys.executable, str(kernel)], stdout=subprocess.PIPE, text=True)
+    loop = int(notebook.stdout.readline())
+    assert _alive(loop)
+    notebook.kill()  # SIGKILL: nothing of the kernel runs any more
+    notebook.wait()
+    for _ in range(150):
+        if not _alive(loop):
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(loop, signal.SIGTERM)  # not left to run after the test
+        pytest.fail("the loop still trains after its notebook is gone")
+    assert not (tmp_path / "lm" / "pipeline").exists()
+
+
 def test_a_loop_started_in_a_process_of_its_own_trains_what_it_trains_here(tiny, tmp_path, capsys):
     """`start` (02's `unet_threads`): the loop in a process of its own on one thread gives bitwise the
     weights it gives here on one thread, this process keeps the other threads meanwhile and gets them

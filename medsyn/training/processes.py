@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -163,6 +164,7 @@ def _write_call(scratch: Path, function, args, kwargs) -> tuple[Path, Path]:
         "args": args,
         "kwargs": kwargs,
         "result": str(result),
+        "parent": os.getpid(),  # the notebook's kernel: the loop stops when it is gone (`_stop_without`)
     }
     call.write_text(json.dumps(payload, default=_jsonable))
     return call, result
@@ -226,10 +228,39 @@ def _stop(child: subprocess.Popen) -> None:
         child.wait()
 
 
+def _stop_without(parent: int, every: float = 1.0) -> None:
+    """Watch, beside the loop, for the process that started it; when it is gone (a notebook kernel
+    restarted or killed, which no `except` in it sees), stop this process's group, the launcher and
+    every process of the loop with it: no loop trains on unseen."""
+
+    def watch():
+        while _alive(parent):
+            time.sleep(every)
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="medsyn-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux): the signal's answer stands
+        return True
+
+
 def _main(call_path: str) -> None:
     from accelerate import PartialState
 
     call = json.loads(Path(call_path).read_text())
+    if "parent" in call:
+        _stop_without(call["parent"])
     module, name = call["function"].split(":")
     result = getattr(importlib.import_module(module), name)(*call["args"], **call["kwargs"])
     if PartialState().is_main_process:
