@@ -1,7 +1,7 @@
 """The papers' architectures from their published configurations, with random weights (nothing is
-downloaded): the SDXL base 1.0 and Stable Diffusion 1.5 U-Nets, text encoders and VAEs and the
-PixArt-α XL transformer as their `config.json` files on the hub give them, and at CPU scale the same
-classes with small widths.
+downloaded): the SDXL base 1.0 and Stable Diffusion 1.5 U-Nets, text encoders and VAEs, the PixArt-α
+XL and FLUX.1-dev transformers as their `config.json` files on the hub give them, and at CPU scale the
+same classes with small widths.
 
 The configurations are typed here because the hub cannot be reached; each is the diffusers /
 transformers config of the named checkpoint, with defaults left out."""
@@ -101,6 +101,37 @@ T5_XXL_SHALLOW = {
     "feed_forward_proj": "gated-gelu",
 }
 
+# black-forest-labs/FLUX.1-dev, transformer/config.json (11.9 B parameters; MSDM's large baseline,
+# LoRA only), its 16-channel VAE and its flow schedule with the shift growing with the image's tokens
+FLUX_1_DEV = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+FLUX_VAE = {
+    **VAE,
+    "latent_channels": 16,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+FLUX_SCHEDULER = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
 # CPU scale: the same classes and block layouts, narrow and shallow
 SMALL = {
     "sdxl_unet": {
@@ -149,6 +180,17 @@ SMALL = {
         "caption_channels": 64,
     },
     "t5": {**T5_XXL_SHALLOW, "d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4},
+    "flux": {
+        **FLUX_1_DEV,
+        "num_layers": 1,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 64,
+        "pooled_projection_dim": 64,
+        "axes_dims_rope": [4, 6, 6],
+    },
+    "flux_vae": {**FLUX_VAE, "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 16},
 }
 
 
@@ -162,6 +204,8 @@ def configurations(scale: str) -> dict:
             "vae": VAE,
             "pixart": PIXART_XL_512,
             "t5": T5_XXL_SHALLOW,
+            "flux": FLUX_1_DEV,
+            "flux_vae": FLUX_VAE,
         }
     return SMALL
 
@@ -272,6 +316,47 @@ def save_pixart(scale: str, directory: Path, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(directory)
     return directory
+
+
+def save_flux(scale: str, directory: Path, device: torch.device, seed: int = 0) -> Path:
+    """A random-weight `FluxPipeline` of FLUX.1-dev's transformer ('gpu' scale: built on `device` in
+    bfloat16, as it is published) or a small one ('cpu': float32), with CLIP ViT-L's text tower and a
+    T5 tower of T5-XXL's width, saved in `directory` (the form `finetune_flux` takes)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from benchmarks.common import stand_ins
+
+    if (directory / "model_index.json").is_file():
+        return directory
+    configs = configurations(scale)
+    t5_tokenizer = stand_ins().t5_tokenizer(directory / "tokenizer_2")  # T5's layout; not timed
+    t5_tokenizer.model_max_length = 512
+    dtype = torch.bfloat16 if scale == "gpu" else torch.float32
+    torch.manual_seed(seed)
+    with torch.device(device):
+        tokenizer = clip_tokenizer(directory / "tokenizer")
+        pipeline = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+            vae=AutoencoderKL(**configs["flux_vae"]),
+            text_encoder=clip_text(configs["clip_l"], False, tokenizer),
+            tokenizer=tokenizer,
+            text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **configs["t5"])),
+            tokenizer_2=t5_tokenizer,
+            transformer=_built_in(dtype, FluxTransformer2DModel, **configs["flux"]),
+        )
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def _built_in(dtype: torch.dtype, cls, **config):
+    """`cls(**config)` with its parameters made in `dtype` (11.9 B float32 parameters would first take 48 GB)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def parameters_of(module) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.architectures import build_pipeline, parameters_of, save_pixart
+from benchmarks.architectures import build_pipeline, parameters_of, save_flux, save_pixart
 from benchmarks.common import (
     COMPILE_SECONDS,
     arguments,
@@ -210,7 +210,7 @@ def variants(scale: str) -> list[tuple[str, dict]]:
 
 def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dict]:
     """Append one row per measurement to `rows` as it is made (a run cut short keeps them), the U-Nets'
-    then PixArt-α's (`measure_pixart`); return them."""
+    then PixArt-α's (`measure_pixart`) and FLUX's (`measure_flux`); return them."""
     device = device_for(args.scale)
     settings = SETTINGS[args.scale]
     peak = matmul_peak(
@@ -279,7 +279,7 @@ def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dic
             rows.append(step_row(model, variant, batch, times, flops, peak, device, note))
         del pipeline
         reset_peak_memory(device)
-    return measure_pixart(args, rows)
+    return measure_flux(args, measure_pixart(args, rows))
 
 
 def pixart_condition(transformer, batch: int, device) -> dict:
@@ -347,6 +347,153 @@ def measure_pixart(args, rows: list | None = None) -> list[dict]:
                 steps=settings["warmup"] + settings["steps"],
                 batch_size=batch,
                 ema_decay=None,
+                checkpoint_every=0,
+                validation_every=0,
+                resume=False,
+                progress=False,
+                **options,
+            )
+        except torch.OutOfMemoryError as error:
+            rows.append(row("training step", model, variant, batch=batch, note=f"out of memory: {error}"[:200]))
+            continue
+        note = f"first {settings['warmup']} steps (warm-up) not timed; run {time.perf_counter() - began:.0f} s"
+        rows.append(
+            step_row(model, variant, batch, result["step_seconds"][settings["warmup"] :], flops, peak, device, note)
+        )
+    return rows
+
+
+# FLUX.1-dev's LoRA step at its published size needs most of an H100 without gradient checkpointing
+FLUX_BATCH = {"gpu": 2, "cpu": 2}
+FLUX_RANK = 16  # the paper profile's large_lora_rank, in both the baseline and medsyn's loop
+FLUX_SECONDS = 240  # what building, saving and loading FLUX.1-dev and its rows take on a GPU
+
+
+def flux_inputs(pipeline, batch: int, size: int, device, dtype) -> dict:
+    """FLUX's cached inputs for `batch` images: latents, 512 T5 token states, CLIP's pooled embedding
+    and the packed image's and the text's positions, as `finetune_flux` feeds them."""
+    transformer = pipeline.transformer
+    latent, channels = size // pipeline.vae_scale_factor, transformer.config.in_channels // 4
+    return {
+        "latents": torch.randn(batch, channels, latent, latent, device=device),
+        "hidden": torch.randn(batch, 512, transformer.config.joint_attention_dim, device=device, dtype=dtype),
+        "pooled": torch.randn(batch, transformer.config.pooled_projection_dim, device=device, dtype=dtype),
+        "image_ids": pipeline._prepare_latent_image_ids(1, latent // 2, latent // 2, device, dtype),
+        "text_ids": torch.zeros(512, 3, device=device, dtype=dtype),
+    }
+
+
+def flux_step(pipeline, inputs: dict, dtype) -> torch.Tensor:
+    """One rectified-flow LoRA step's forward pass and loss (the velocity's MSE), as both loops take it."""
+    transformer, latents = pipeline.transformer, inputs["latents"]
+    n, channels, height, width = latents.shape
+    sigma = torch.rand(n, device=latents.device).view(-1, 1, 1, 1)
+    noise = torch.randn_like(latents)
+    packed = pipeline._pack_latents((1 - sigma) * latents + sigma * noise, n, channels, height, width)
+    prediction = transformer(
+        hidden_states=packed.to(dtype),
+        timestep=sigma.flatten().to(dtype),
+        guidance=torch.full((n,), 3.5, device=latents.device, dtype=dtype),
+        pooled_projections=inputs["pooled"][:n],
+        encoder_hidden_states=inputs["hidden"][:n],
+        txt_ids=inputs["text_ids"],
+        img_ids=inputs["image_ids"],
+        return_dict=False,
+    )[0]
+    scale = pipeline.vae_scale_factor
+    prediction = pipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+    return torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
+
+
+def flux_baseline(pipeline, batch: int, size: int, warmup: int, steps: int, device) -> tuple[list[float], float]:
+    """diffusers' train_dreambooth_lora_flux.py as its defaults have it (float32 weights, no mixed
+    precision, `torch.optim.AdamW`, no gradient checkpointing, clipping at 1, the loss read every
+    step) at medsyn's rank, on cached latents and prompt embeddings; seconds per step after `warmup`,
+    and one image's forward + backward FLOPs (torch's FLOP counter: the frozen weights get no gradient)."""
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medsyn.training.lora_large import FLUX_LORA_TARGETS
+
+    transformer = pipeline.transformer.to(device, torch.float32).requires_grad_(False)
+    config = LoraConfig(
+        r=FLUX_RANK, lora_alpha=FLUX_RANK, init_lora_weights="gaussian", target_modules=FLUX_LORA_TARGETS
+    )
+    transformer.add_adapter(config)
+    transformer.train()
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    inputs = flux_inputs(pipeline, batch, size, device, torch.float32)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        flux_step(pipeline, {**inputs, "latents": inputs["latents"][:1]}, torch.float32).backward()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    times = []
+    for _ in range(warmup + steps):
+        began = time.perf_counter()
+        loss = flux_step(pipeline, inputs, torch.float32)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+        times.append(time.perf_counter() - began)
+    return times[warmup:], float(counter.get_total_flops())
+
+
+def measure_flux(args, rows: list | None = None) -> list[dict]:
+    """MSDM's FLUX.1-dev LoRA (`finetune_flux` from a saved pipeline) against diffusers' FLUX LoRA
+    script's defaults on the same transformer; one row per measurement, appended as it is made."""
+    from diffusers import FluxPipeline
+
+    from medsyn.training.lora_large import finetune_flux
+
+    device = device_for(args.scale)
+    settings, batch = SETTINGS[args.scale], FLUX_BATCH[args.scale]
+    rows = [] if rows is None else rows
+    model = f"FLUX.1-dev transformer, LoRA rank {FLUX_RANK}, {settings['size']}²"
+    if args.scale == "gpu" and time_left(args) < FLUX_SECONDS:
+        rows.append(row("training step", model, "-", batch=batch, note="not run: the run's budget was spent"))
+        return rows
+    peak = matmul_peak(
+        device, torch.bfloat16 if device.type == "cuda" else torch.float32, 8192 if device.type == "cuda" else 1024
+    )
+    dataset = write_images(args.work / f"images_{settings['size']}", settings["images"], settings["size"])
+    directory = save_flux(args.scale, args.work / f"flux_{args.scale}", device)
+    pipeline = FluxPipeline.from_pretrained(directory, local_files_only=True)
+    model = f"FLUX.1-dev transformer ({parameters_of(pipeline.transformer) / 1e9:.2f} B), LoRA rank {FLUX_RANK}, {settings['size']}²"
+    reset_peak_memory(device)
+    try:
+        times, flops = flux_baseline(pipeline, batch, settings["size"], settings["warmup"], settings["steps"], device)
+        rows.append(
+            step_row(
+                model,
+                "baseline: diffusers train_dreambooth_lora_flux.py defaults (float32, AdamW)",
+                batch,
+                times,
+                flops,
+                peak,
+                device,
+            )
+        )
+    except torch.OutOfMemoryError as error:
+        rows.append(row("training step", model, "baseline", batch=batch, note=f"out of memory: {error}"[:200]))
+        flops = float("nan")
+    del pipeline
+    reset_peak_memory(device)
+    variants = [("medsyn: bf16 autocast, frozen weights in bf16, fused AdamW", {"mixed_precision": "bf16"})]
+    if args.scale == "cpu":
+        variants.insert(0, ("medsyn: float32, fused AdamW", {"mixed_precision": "no"}))
+    for variant, options in variants:
+        reset_peak_memory(device)
+        began = time.perf_counter()
+        try:
+            result = finetune_flux(
+                dataset,
+                directory,
+                args.work / "run_flux",
+                steps=settings["warmup"] + settings["steps"],
+                batch_size=batch,
+                lora_rank=FLUX_RANK,
                 checkpoint_every=0,
                 validation_every=0,
                 resume=False,

@@ -20,6 +20,7 @@ on their own — FLUX in diffusers' `FluxPipeline.load_lora_weights` format, Kan
 reads them) — and merged into the saved pipeline, which `medsyn.sampling` samples at the trained size.
 """
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -181,7 +182,8 @@ def finetune_flux(
         guidance_scale, sampling_steps: the validation grid's sampler.
 
     Returns:
-        {'pipeline_dir', 'lora_dir', 'steps', 'trained_parameters', 'loss_history'}.
+        {'pipeline_dir', 'lora_dir', 'steps', 'trained_parameters', 'loss_history', 'step_seconds'}
+        (each step's wall-clock seconds; its loss is read, so its work is done when it is timed).
     """
     recipe = training_recipe(locals())  # before anything else is bound: the arguments
     from accelerate.utils import set_seed
@@ -235,9 +237,10 @@ def finetune_flux(
     text_ids = torch.zeros(hidden.shape[1], 3, device=device)
     guided = accelerator.unwrap_model(transformer).config.guidance_embeds
 
-    history = []
+    history, step_seconds = [], []
     bar = progress_bar(steps, start, "finetune-flux", progress and accelerator.is_local_main_process)
     for step in range(start, steps):
+        began = time.perf_counter()
         for micro in range(gradient_accumulation_steps):
             draw = step * gradient_accumulation_steps + micro
             d = draw_batch(
@@ -288,6 +291,7 @@ def finetune_flux(
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
             save_checkpoint(accelerator, out_dir / "checkpoints", done, {"loss": history[-1], "recipe": recipe})
         # End block
+        step_seconds.append(time.perf_counter() - began)  # with a checkpoint written at its end, if any
         if validation_every and accelerator.is_main_process and (done % validation_every == 0 or done == steps):
             with ema_weights(ema, trainable):
                 pipeline.transformer = accelerator.unwrap_model(transformer).eval()
@@ -323,6 +327,7 @@ def finetune_flux(
         "steps": steps,
         "trained_parameters": sum(p.numel() for p in trainable),
         "loss_history": history,
+        "step_seconds": step_seconds,
     }
 
 
