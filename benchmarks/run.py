@@ -1,5 +1,5 @@
-"""Every benchmark in one run (training step, vq-ar's LM step, sampling, nearest neighbours, FID features,
-the bootstrap intervals of 06 and 08), one table with each row's ratio to its baseline, written with
+"""Every benchmark in one run (training steps, vq-ar's LM step, sampling, nearest neighbours, FID features,
+the bootstrap intervals of 06 and 08, FLUX's LoRA step), one table with each row's ratio to its baseline, written with
 its provenance and, with `--readme`, into the README's marked performance tables. One benchmark that fails is reported as a row and the others run.
 
     python -m benchmarks.run --scale gpu --out benchmarks/results/gpu.csv --readme
@@ -24,15 +24,17 @@ from benchmarks import (
 )
 from benchmarks.common import README, RESULTS_DIR, arguments, device_for, finish, row
 
-# the quick ones first: a run cut short still reports them
+# the quick ones first, FLUX's LoRA step (minutes at its published size) last: a run cut short still
+# reports the others; each is (measure(args, rows), its settings per scale)
 BENCHMARKS = {
-    "nearest neighbours": nearest_neighbours,
-    "fidelity bootstrap": fidelity_bootstrap,
-    "downstream bootstrap": downstream_bootstrap,
-    "FID features": inception,
-    "training step": train_step,
-    "lm step": lm_step,
-    "sampling": sampling,
+    "nearest neighbours": (nearest_neighbours.measure, nearest_neighbours.SETTINGS),
+    "fidelity bootstrap": (fidelity_bootstrap.measure, fidelity_bootstrap.SETTINGS),
+    "downstream bootstrap": (downstream_bootstrap.measure, downstream_bootstrap.SETTINGS),
+    "FID features": (inception.measure, inception.SETTINGS),
+    "training step": (train_step.measure, train_step.SETTINGS),
+    "lm step": (lm_step.measure, lm_step.SETTINGS),
+    "sampling": (sampling.measure, sampling.SETTINGS),
+    "FLUX LoRA step": (train_step.measure_flux, train_step.FLUX_SETTINGS),
 }
 
 
@@ -55,13 +57,13 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        for name, module in BENCHMARKS.items():
+        for name, (measure, _) in BENCHMARKS.items():
             if args.only and name not in args.only:
                 continue
             began = time.perf_counter()
             print(f"== {name}", flush=True)
             try:
-                module.measure(args, rows)
+                measure(args, rows)
             except Exception as error:  # one failure is reported; the other benchmarks still run
                 traceback.print_exc()
                 rows.append(row(name, "-", "failed", note=f"{type(error).__name__}: {error}"[:300]))
@@ -81,7 +83,7 @@ def main() -> None:
 
 
 def settings(scale: str) -> dict:
-    return {name: module.SETTINGS[scale] for name, module in BENCHMARKS.items()}
+    return {name: options[scale] for name, (_, options) in BENCHMARKS.items()}
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def variants(scale: str) -> list[tuple[str, dict]]:
 
 def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dict]:
     """Append one row per measurement to `rows` as it is made (a run cut short keeps them), the U-Nets'
-    then PixArt-α's (`measure_pixart`) and FLUX's (`measure_flux`); return them."""
+    then PixArt-α's (`measure_pixart`); return them. FLUX's (`measure_flux`) is a benchmark of its own."""
     device = device_for(args.scale)
     settings = SETTINGS[args.scale]
     peak = matmul_peak(
@@ -279,7 +279,7 @@ def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dic
             rows.append(step_row(model, variant, batch, times, flops, peak, device, note))
         del pipeline
         reset_peak_memory(device)
-    return measure_flux(args, measure_pixart(args, rows))
+    return measure_pixart(args, rows)
 
 
 def pixart_condition(transformer, batch: int, device) -> dict:
@@ -363,8 +363,9 @@ def measure_pixart(args, rows: list | None = None) -> list[dict]:
     return rows
 
 
-# FLUX.1-dev's LoRA step at its published size needs most of an H100 without gradient checkpointing
-FLUX_BATCH = {"gpu": 2, "cpu": 2}
+# the U-Nets' settings at batch 2: FLUX.1-dev's LoRA step at its published size needs most of an H100
+# without gradient checkpointing
+FLUX_SETTINGS = {scale: {**options, "batch": 2} for scale, options in SETTINGS.items()}
 FLUX_RANK = 16  # the paper profile's large_lora_rank, in both the baseline and medsyn's loop
 FLUX_SECONDS = 240  # what building, saving and loading FLUX.1-dev and its rows take on a GPU
 
@@ -448,7 +449,8 @@ def measure_flux(args, rows: list | None = None) -> list[dict]:
     from medsyn.training.lora_large import finetune_flux
 
     device = device_for(args.scale)
-    settings, batch = SETTINGS[args.scale], FLUX_BATCH[args.scale]
+    settings = FLUX_SETTINGS[args.scale]
+    batch = settings["batch"]
     rows = [] if rows is None else rows
     model = f"FLUX.1-dev transformer, LoRA rank {FLUX_RANK}, {settings['size']}²"
     if args.scale == "gpu" and time_left(args) < FLUX_SECONDS:
@@ -512,4 +514,8 @@ def measure_flux(args, rows: list | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     arguments_ = arguments(__doc__.splitlines()[0])
-    finish(measure(arguments_), arguments_, {"settings": SETTINGS[arguments_.scale]})
+    finish(
+        measure_flux(arguments_, measure(arguments_)),
+        arguments_,
+        {"settings": SETTINGS[arguments_.scale], "flux": FLUX_SETTINGS[arguments_.scale]},
+    )
