@@ -247,12 +247,13 @@ def fidelity_table(
         correct = (predicted == np.asarray(classes)).astype(np.float64)
         ratios = judge.ratios(images, classes)
         pair_values, pair_classes, _ = within_class_ms_ssim_pairs(images, classes, seed=seed)
+        niqes = niqe_scores(images[mine], niqe_block)
         two, one, pairs = _set_measures(
             features[mine],
             real_embeddings[theirs],
             inception_features(images[mine], weights) if weights else None,
             real_inception[theirs] if weights else None,
-            niqes := niqe_scores(images[mine], niqe_block),
+            niqes,
             (100 * (embeddings * texts).sum(dim=1)).double().numpy()[mine],
             correct[mine],
             np.asarray(classes)[mine],
