@@ -22,6 +22,7 @@ A failed notebook ends the run with status 1, its row saying where.
 import copy
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -275,21 +276,26 @@ PAPER_PATHS = {
 }
 
 
-def results(run_dir: Path) -> pd.DataFrame:
-    """One row per notebook of the last run: its status, seconds, and what the paper profile runs there."""
-    record = json.loads((run_dir / "run.json").read_text())
-    ran = {n["notebook"]: n for n in record["notebooks"]}
-    return pd.DataFrame(
-        [
+def results(run_dir: Path, stopped: bool = False) -> pd.DataFrame:
+    """One row per notebook of the last run: its status ('ok', 'failed', 'stopped' where a signal
+    ended the run, or 'not run'), seconds, and what the paper profile runs there."""
+    notebooks = yaml.safe_load((run_dir / "rehearsal.yaml").read_text())["notebooks"]
+    record = run_dir / "run.json"
+    ran = {n["notebook"]: n for n in json.loads(record.read_text())["notebooks"]} if record.is_file() else {}
+    rows = []
+    for notebook in notebooks:
+        status = ran.get(notebook, {}).get("status", "not run")
+        if status == "not run" and stopped:
+            status, stopped = "stopped", False  # the notebook the signal ended
+        rows.append(
             {
                 "notebook": notebook,
-                "status": ran.get(notebook, {}).get("status", "not run"),
+                "status": status,
                 "seconds": ran.get(notebook, {}).get("seconds"),
                 "paper code paths": PAPER_PATHS[notebook],
             }
-            for notebook in record["profile"]["notebooks"]
-        ]
-    ).set_index("notebook")
+        )
+    return pd.DataFrame(rows).set_index("notebook")
 
 
 def main() -> None:
@@ -306,12 +312,20 @@ def main() -> None:
     pretrained = args.work / "pretrained" / args.scale
     built = write_stand_ins(pretrained)
     profile = rehearsal_profile(args.scale, pretrained, run_dir)
-    began = time.perf_counter()
+    began, stopped = time.perf_counter(), False
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: the table still says how far the chain came
+        raise SystemExit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         reproduce(profile, run_dir, progress=True)
     except ChainError as error:  # the table shows where it stopped; the error says why
         print(error, file=sys.stderr)
-    table = results(run_dir)
+    except SystemExit as error:
+        print(error, file=sys.stderr)
+        stopped = True
+    table = results(run_dir, stopped)
     print(table.to_string())
     print(f"chain: {time.perf_counter() - began:.0f} s on {device_name(device_for(args.scale))}")
     if args.out or args.readme:
