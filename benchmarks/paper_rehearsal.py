@@ -117,7 +117,7 @@ def write_stand_ins(pretrained: Path) -> dict[str, float]:
         "kandinsky-2-2-prior": None,  # written with the decoder
         "kandinsky-2-2-decoder": lambda d: _kandinsky(d, tiny_models),
         "PixArt-XL-2-512x512": lambda d: _pixart(d, tiny_models),
-        "dolly-v2-3b": _gpt_neox,
+        "dolly-v2-3b": lambda d: _gpt_neox(d, tiny_models),
         "Qwen2-VL-7B-Instruct": lambda d: tiny_models.save_tiny_vlm(d, STAND_IN_DESCRIPTION),
         "Llama-3.1-8B-Instruct": lambda d: tiny_models.save_tiny_llm(d, STAND_IN_REPORT, []),
         "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": lambda d: _open_clip(d, tiny_models.TINY_CLIP),
@@ -188,13 +188,14 @@ def _pixart(directory: Path, tiny_models) -> None:
     shutil.rmtree(scratch)
 
 
-def _gpt_neox(directory: Path) -> None:
-    """Dolly-v2's architecture (GPT-NeoX), tiny."""
+def _gpt_neox(directory: Path, tiny_models) -> None:
+    """Dolly-v2's architecture (GPT-NeoX) with a byte-level BPE tokenizer, tiny."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    tokenizer = tiny_models.byte_bpe_tokenizer(directory)
     torch.manual_seed(0)
     config = GPTNeoXConfig(
-        vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
     )
     GPTNeoXForCausalLM(config).save_pretrained(directory)
 

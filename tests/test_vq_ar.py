@@ -203,6 +203,34 @@ def test_an_interrupted_launch_leaves_no_process_running(tiny, tmp_path, monkeyp
         apart.result()
 
 
+def test_a_pretrained_lm_writes_prompts_with_its_own_tokenizer(tiny, tmp_path):
+    """With `pretrained_lm_dir`, the LM's own tokenizer (its special tokens added) writes the prompts,
+    so each of its token ids still names the word its embedding learned (LLM-CXR keeps Dolly's); the
+    saved pipeline reloads and samples. An LM directory without its tokenizer is named."""
+    from tiny_models import byte_bpe_tokenizer
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    lm_dir = tmp_path / "neox"
+    own = byte_bpe_tokenizer(lm_dir)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=len(own), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(lm_dir)
+    result = train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm", pretrained_lm_dir=lm_dir, steps=2, **LM)
+    pipeline = VQARPipeline.from_pretrained(result["pipeline_dir"])
+    prompt = "A red disc."
+    assert (
+        pipeline.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        == own(prompt, add_special_tokens=False)["input_ids"]
+    )
+    assert pipeline.offset == len(own) + 4  # <pad>, <clue>, <boi>, <eoi> after the LM's own tokens
+    assert generate(pipeline, [prompt], 1, seed=0, guidance_scale=2.0)[0]["image"].shape == (16, 16, 3)
+    (lm_dir / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
+        train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "lm2", pretrained_lm_dir=lm_dir, steps=1, **LM)
+
+
 def test_a_loop_stops_when_the_notebook_that_started_it_is_gone(tiny, tmp_path):
     """A kernel restarted or killed runs no `except`: the loop it started in a process of its own sees
     that it is gone and stops, rather than training on unseen."""

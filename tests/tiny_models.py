@@ -69,6 +69,22 @@ def clip_tokenizer_files(directory: Path) -> int:
     return len(vocab)
 
 
+def byte_bpe_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer as GPT-2's and GPT-NeoX's are, with no merges (every byte a token,
+    `<|endoftext|>` beside them), saved in `directory` and returned."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {symbol: i for i, symbol in enumerate([*bytes_to_unicode().values(), "<|endoftext|>"])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
 def clip_tower(directory: Path, vocab_size: int, hidden: int, projection: bool = False) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

@@ -50,6 +50,17 @@ def build_text_tokenizer(texts: list[str]):
     )
 
 
+def lm_tokenizer(pretrained_lm_dir: str | Path):
+    """A pretrained causal LM's own tokenizer with the sequence's special tokens added, as LLM-CXR
+    keeps Dolly's and adds its image tokens: each of the LM's token ids still names the word its
+    embedding learned."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_lm_dir, local_files_only=True)
+    tokenizer.add_special_tokens({"pad_token": PAD, "additional_special_tokens": [CLUE, BOI, EOI]})
+    return tokenizer
+
+
 def named_terms(text: str, terms: list[str]) -> list[str]:
     """The terms that the text names, as whole words, in `terms` order. A term named only inside a
     longer named term is not named: "polyp" in "dyed lifted polyp", "pulmonary embolism" in "no
@@ -104,7 +115,7 @@ class VQARPipeline:
     Args:
         vqvae: a diffusers `VQModel`.
         lm: a transformers causal LM whose vocabulary is `len(tokenizer) + codes`.
-        tokenizer: the text tokenizer (`build_text_tokenizer`).
+        tokenizer: the text tokenizer (`build_text_tokenizer`, or a pretrained LM's, `lm_tokenizer`).
         config: `grid` [H, W], `codes`, `prompt_tokens` P, `clue_tokens` M, `clue_bank` {term: [code]},
             `prompt_field` ('text' or 'report': what `medsyn.sampling` prompts it with).
     """

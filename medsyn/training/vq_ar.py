@@ -22,7 +22,16 @@ from torch import nn
 from medsyn.data.captions import source_vocabulary, vocabulary_phrases
 from medsyn.data.dataset import split_records
 from medsyn.models.text_encoders import require_dir
-from medsyn.models.vq_ar import BOI, EOI, PAD, VQARPipeline, build_text_tokenizer, named_terms, nearest_codes
+from medsyn.models.vq_ar import (
+    BOI,
+    EOI,
+    PAD,
+    VQARPipeline,
+    build_text_tokenizer,
+    lm_tokenizer,
+    named_terms,
+    nearest_codes,
+)
 from medsyn.training.common import (
     adamw,
     adversarial_term,
@@ -427,8 +436,10 @@ def train_lm(
         dataset_dir: curated dataset; the training split is used.
         vq_dir: the tokenizer of `train_vq` (frozen).
         out_dir: checkpoints, the code cache and `pipeline/`.
-        pretrained_lm_dir: a local causal LM to fine-tune fully (its embeddings and head are resized to
-            the text vocabulary plus the codes, all trained); None: a GPT-2 from `LM_CONFIG`.
+        pretrained_lm_dir: a local causal LM with its tokenizer, to fine-tune fully: its own
+            tokenizer with the sequence's special tokens (`lm_tokenizer`), its embeddings and head
+            resized to that vocabulary plus the codes, all trained; None: a GPT-2 from `LM_CONFIG` over
+            a word tokenizer of the training prompts.
         config: GPT-2 overrides of `LM_CONFIG`.
         prompt_tokens, clue_tokens: the fixed lengths of the prompt and clue slots.
         prompt_field: the record field the prompt is: 'text' (the caption) or 'report' (the
@@ -468,7 +479,10 @@ def train_lm(
     chances = class_chances(records, balance)
     class_field = {"text": "class_text", "report": "class_report"}[prompt_field]
     vq = VQModel.from_pretrained(vq_dir, local_files_only=True).eval().requires_grad_(False)
-    tokenizer = build_text_tokenizer(prompts + [r.get(class_field, r[prompt_field]) for r in records])
+    if pretrained_lm_dir:  # the LM's own words, so that its embeddings keep their meaning
+        tokenizer = lm_tokenizer(require_dir(pretrained_lm_dir, ("config.json", "tokenizer_config.json")))
+    else:
+        tokenizer = build_text_tokenizer(prompts + [r.get(class_field, r[prompt_field]) for r in records])
     with accelerator.main_process_first():  # the main process writes the cache, the others then read it
         images = cache_images(dataset_dir, records, out_dir / "cache" / "train_images.npy")
     with torch.no_grad():
