@@ -4,6 +4,7 @@ whatever the model prefers, a seed gives the same codes and pixels, the clue ban
 images only, and `medsyn sample` treats the pipeline like any other."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,6 +202,7 @@ def test_an_interrupted_launch_leaves_no_process_running(tiny, tmp_path, monkeyp
     assert apart._child.poll() is not None and not (tmp_path / "own" / "pipeline").exists()
     with pytest.raises(RuntimeError, match="was stopped: its wait was interrupted"):
         apart.result()
+    assert not Path(apart._scratch.name).exists()  # its call, result and log files go with it
 
 
 def test_a_pretrained_lm_writes_prompts_with_its_own_tokenizer(tiny, tmp_path):
@@ -249,11 +251,12 @@ def test_a_loop_stops_when_the_notebook_that_started_it_is_gone(tiny, tmp_path):
         "from medsyn.training.vq_ar import train_lm\n"
         f"started = start(train_lm, 1, {str(tiny['data'])!r}, {str(tiny['vq']['vq_dir'])!r}, "
         f"{str(tmp_path / 'lm')!r}, steps=100000, **{LM!r})\n"
-        "print(started._child.pid, flush=True)\n"
+        "print(started._child.pid, started._scratch.name, flush=True)\n"
         "time.sleep(600)\n"
     )
     notebook = subprocess.Popen([sys.executable, str(kernel)], stdout=subprocess.PIPE, text=True)
-    loop = int(notebook.stdout.readline())
+    pid, scratch = notebook.stdout.readline().split()
+    loop = int(pid)
     assert _alive(loop)
     notebook.kill()  # SIGKILL: nothing of the kernel runs any more
     notebook.wait()
@@ -264,7 +267,7 @@ def test_a_loop_stops_when_the_notebook_that_started_it_is_gone(tiny, tmp_path):
     else:
         os.killpg(loop, signal.SIGTERM)  # not left to run after the test
         pytest.fail("the loop still trains after its notebook is gone")
-    assert not (tmp_path / "lm" / "pipeline").exists()
+    assert not (tmp_path / "lm" / "pipeline").exists() and not Path(scratch).exists()
 
 
 def test_a_loop_started_in_a_process_of_its_own_trains_what_it_trains_here(tiny, tmp_path, capsys):

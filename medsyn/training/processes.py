@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ class Started:
                 time.sleep(0.5)
         except BaseException:
             _stop(self._child)
+            self._scratch.cleanup()
             self._error = RuntimeError(f"{self.name} in a process of its own was stopped: its wait was interrupted")
             raise
         finally:
@@ -228,14 +230,16 @@ def _stop(child: subprocess.Popen) -> None:
         child.wait()
 
 
-def _stop_without(parent: int, every: float = 1.0) -> None:
+def _stop_without(parent: int, scratch: Path, every: float = 1.0) -> None:
     """Watch, beside the loop, for the process that started it; when it is gone (a notebook kernel
-    restarted or killed, which no `except` in it sees), stop this process's group, the launcher and
-    every process of the loop with it: no loop trains on unseen."""
+    restarted or killed, which no `except` in it sees), remove the call's scratch folder, which that
+    process would have removed, and stop this process's group, the launcher and every process of the
+    loop with it: no loop trains on unseen."""
 
     def watch():
         while _alive(parent):
             time.sleep(every)
+        shutil.rmtree(scratch, ignore_errors=True)
         os.killpg(os.getpgrp(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="medsyn-parent-watch", daemon=True).start()
@@ -260,7 +264,7 @@ def _main(call_path: str) -> None:
 
     call = json.loads(Path(call_path).read_text())
     if "parent" in call:
-        _stop_without(call["parent"])
+        _stop_without(call["parent"], Path(call_path).parent)
     module, name = call["function"].split(":")
     result = getattr(importlib.import_module(module), name)(*call["args"], **call["kwargs"])
     if PartialState().is_main_process:
