@@ -18,6 +18,7 @@ FLOPs (torch's FLOP counter, one image) against the matrix-multiply peak measure
 """
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -153,11 +154,11 @@ def denoiser_steps(
     return times[warmup:]
 
 
-def medsyn_steps(pipeline, dataset: Path, out: Path, batch: int, warmup: int, steps: int, **options) -> list[float]:
-    """`finetune_unet` itself on the same pipeline object; seconds of each step after the warm-up."""
+def medsyn_steps(pipeline, dataset: Path, out: Path, batch: int, warmup: int, steps: int, **options) -> dict:
+    """`finetune_unet` itself on the same pipeline object, for `warmup` + `steps` steps; its result."""
     from medsyn.training.ldm_finetune import finetune_unet
 
-    result = finetune_unet(
+    return finetune_unet(
         dataset,
         pipeline,
         out,
@@ -170,7 +171,19 @@ def medsyn_steps(pipeline, dataset: Path, out: Path, batch: int, warmup: int, st
         save_pipeline=False,
         **options,
     )
-    return result["step_seconds"][warmup:]
+
+
+def loop_row(loop, model: str, variant: str, batch: int, warmup: int, flops: float, peak: float, device) -> dict:
+    """The row of one of medsyn's loops: `loop()` trains `warmup` untimed and then the timed steps and
+    returns the loop's result (its `step_seconds`); running out of memory is a row that says so."""
+    reset_peak_memory(device)
+    began = time.perf_counter()
+    try:
+        result = loop()
+    except torch.OutOfMemoryError as error:
+        return row("training step", model, variant, batch=batch, note=f"out of memory: {error}"[:200])
+    note = f"first {warmup} steps (warm-up) not timed; run {time.perf_counter() - began:.0f} s"
+    return step_row(model, variant, batch, result["step_seconds"][warmup:], flops, peak, device, note)
 
 
 def step_row(model: str, variant: str, batch: int, times: list[float], flops: float, peak: float, device, note=""):
@@ -260,23 +273,11 @@ def measure(args, rows: list | None = None, models=("sd15", "sdxl")) -> list[dic
                     )
                 )
                 continue
-            reset_peak_memory(device)
-            began = time.perf_counter()
-            try:
-                times = medsyn_steps(
-                    pipeline,
-                    dataset,
-                    args.work / f"run_{kind}",
-                    batch,
-                    settings["warmup"],
-                    settings["steps"],
-                    **options,
-                )
-            except torch.OutOfMemoryError as error:
-                rows.append(row("training step", model, variant, batch=batch, note=f"out of memory: {error}"[:200]))
-                continue
-            note = f"first {settings['warmup']} steps (warm-up) not timed; run {time.perf_counter() - began:.0f} s"
-            rows.append(step_row(model, variant, batch, times, flops, peak, device, note))
+            work = args.work / f"run_{kind}"
+            loop = partial(
+                medsyn_steps, pipeline, dataset, work, batch, settings["warmup"], settings["steps"], **options
+            )
+            rows.append(loop_row(loop, model, variant, batch, settings["warmup"], flops, peak, device))
         del pipeline
         reset_peak_memory(device)
     return measure_pixart(args, rows)
@@ -337,29 +338,21 @@ def measure_pixart(args, rows: list | None = None) -> list[dict]:
     del pipeline, transformer, condition
     reset_peak_memory(device)
     for variant, options in pixart_variants(args.scale, batch):
-        reset_peak_memory(device)
-        began = time.perf_counter()
-        try:
-            result = train_dit(
-                dataset,
-                args.work / "run_pixart",
-                pretrained_dir=directory,
-                steps=settings["warmup"] + settings["steps"],
-                batch_size=batch,
-                ema_decay=None,
-                checkpoint_every=0,
-                validation_every=0,
-                resume=False,
-                progress=False,
-                **options,
-            )
-        except torch.OutOfMemoryError as error:
-            rows.append(row("training step", model, variant, batch=batch, note=f"out of memory: {error}"[:200]))
-            continue
-        note = f"first {settings['warmup']} steps (warm-up) not timed; run {time.perf_counter() - began:.0f} s"
-        rows.append(
-            step_row(model, variant, batch, result["step_seconds"][settings["warmup"] :], flops, peak, device, note)
+        loop = partial(
+            train_dit,
+            dataset,
+            args.work / "run_pixart",
+            pretrained_dir=directory,
+            steps=settings["warmup"] + settings["steps"],
+            batch_size=batch,
+            ema_decay=None,
+            checkpoint_every=0,
+            validation_every=0,
+            resume=False,
+            progress=False,
+            **options,
         )
+        rows.append(loop_row(loop, model, variant, batch, settings["warmup"], flops, peak, device))
     return rows
 
 
@@ -486,29 +479,21 @@ def measure_flux(args, rows: list | None = None) -> list[dict]:
     if args.scale == "cpu":
         variants.insert(0, ("medsyn: float32, fused AdamW", {"mixed_precision": "no"}))
     for variant, options in variants:
-        reset_peak_memory(device)
-        began = time.perf_counter()
-        try:
-            result = finetune_flux(
-                dataset,
-                directory,
-                args.work / "run_flux",
-                steps=settings["warmup"] + settings["steps"],
-                batch_size=batch,
-                lora_rank=FLUX_RANK,
-                checkpoint_every=0,
-                validation_every=0,
-                resume=False,
-                progress=False,
-                **options,
-            )
-        except torch.OutOfMemoryError as error:
-            rows.append(row("training step", model, variant, batch=batch, note=f"out of memory: {error}"[:200]))
-            continue
-        note = f"first {settings['warmup']} steps (warm-up) not timed; run {time.perf_counter() - began:.0f} s"
-        rows.append(
-            step_row(model, variant, batch, result["step_seconds"][settings["warmup"] :], flops, peak, device, note)
+        loop = partial(
+            finetune_flux,
+            dataset,
+            directory,
+            args.work / "run_flux",
+            steps=settings["warmup"] + settings["steps"],
+            batch_size=batch,
+            lora_rank=FLUX_RANK,
+            checkpoint_every=0,
+            validation_every=0,
+            resume=False,
+            progress=False,
+            **options,
         )
+        rows.append(loop_row(loop, model, variant, batch, settings["warmup"], flops, peak, device))
     return rows
 
 
