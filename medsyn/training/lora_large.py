@@ -381,6 +381,7 @@ def finetune_kandinsky(
     ema_decay: float | None = None,
     max_grad_norm: float = 1.0,
     mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
     checkpoint_every: int = 500,
     validation_every: int = 500,
     validation_prompts: list[str] | None = None,
@@ -403,6 +404,8 @@ def finetune_kandinsky(
         caption_dropout: probability of training a sample on the unconditional inputs.
         snr_gamma: Min-SNR γ of the decoder loss; None for plain MSE.
         mixed_precision: as in `finetune_flux` (frozen: both denoisers' base weights, the CLIP towers).
+        gradient_checkpointing: recompute the decoder U-Net's blocks in the backward pass (the
+            prior has no checkpointing in diffusers; its activations are small).
         ema_decay, max_grad_norm, checkpoint_every, validation_every, validation_prompts, seed, resume,
         progress: as in the other loops.
         guidance_scale, sampling_steps: the validation grid's sampler (decoder).
@@ -449,6 +452,8 @@ def finetune_kandinsky(
     if train_prior:
         prior.train()
         trainable += add_lora(prior, lora_rank, lora_alpha, frozen_dtype=frozen_dtype)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     decoder_schedule = DDPMScheduler.from_config(pipeline.scheduler.config)
     prior_schedule = pipeline.prior_scheduler
     optimizer, lr_scheduler, ema = _optimisation(trainable, lr, lr_warmup_steps, ema_decay)

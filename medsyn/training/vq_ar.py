@@ -13,6 +13,7 @@ a pretrained one from a local directory with `pretrained_lm_dir`), the loss on t
 `<eoi>` only, the prompt and clue slots dropped for classifier-free guidance.
 """
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from medsyn.training.common import (
     drawn_indices,
     make_accelerator,
     make_lr_schedule,
+    micro_batch_size,
     optimizer_step,
     progress_bar,
     resume_step,
@@ -417,6 +419,7 @@ def train_lm(
     prompt_field: str = "text",
     steps: int = 2000,
     batch_size: int = 32,
+    gradient_accumulation_steps: int = 1,
     lr: float = 1e-3,
     lr_warmup_steps: int = 100,
     lr_schedule: str = "constant",
@@ -425,6 +428,7 @@ def train_lm(
     balance: str = "none",
     max_grad_norm: float = 1.0,
     mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
     checkpoint_every: int = 500,
     seed: int = 0,
     resume: bool = True,
@@ -448,6 +452,12 @@ def train_lm(
             reports name; else the label terms. Sampling (`medsyn.sampling`) prompts with the same
             field (`VQARPipeline.prompt_field`).
         steps, batch_size, lr, lr_warmup_steps: AdamW steps, sequences per step, peak LR and its warm-up.
+        gradient_accumulation_steps: micro-batches per step. A step's sequences are drawn as without
+            it and split into that many micro-batches; every sequence has as many target tokens, so
+            the step's gradient is the same.
+        gradient_checkpointing: recompute the LM's layers in the backward pass instead of keeping
+            their activations (a 3 B LM's at `paper`'s batch do not fit one GPU otherwise:
+            `benchmarks/training_memory.py`).
         lr_schedule: after the warm-up, 'constant' or 'cosine' (to 0 at `steps`; `common.make_lr_schedule`).
         caption_dropout: share of sequences whose prompt and clues are replaced by padding.
         clue_dropout: share of the other sequences whose clues alone are left out (`<clue>` then
@@ -468,8 +478,7 @@ def train_lm(
     # GPT-2's dropout draws from the global generator: each process its own masks (the main process as alone)
     set_seed(seed, device_specific=True)
     records = split_records(dataset_dir, "train")
-    if batch_size % accelerator.num_processes:
-        raise ValueError(f"batch_size {batch_size} must split evenly over {accelerator.num_processes} processes")
+    micro_batch_size(batch_size, gradient_accumulation_steps, accelerator.num_processes)  # or ValueError
     if prompt_field not in ("text", "report"):
         raise ValueError(f"prompt_field must be 'text' or 'report', got {prompt_field!r}")
     missing = sorted({r["source"] for r in records if prompt_field not in r})
@@ -521,13 +530,15 @@ def train_lm(
     labels[:, : unconditional.shape[1]] = -100  # the loss on the image codes and <eoi> only
 
     lm.train()
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
     optimizer = adamw(list(lm.parameters()), lr=lr, weight_decay=1e-2)
     lr_scheduler = make_lr_schedule(optimizer, lr_schedule, lr_warmup_steps, steps)
     lm, optimizer, lr_scheduler = accelerator.prepare(lm, optimizer, lr_scheduler)
     start = resume_step(accelerator, out_dir / "checkpoints", resume, recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
     trainable = list(lm.parameters())
-    ema, gradient_accumulation_steps = None, 1  # no EMA of the LM's weights; one micro-batch per step
+    ema = None  # no EMA of the LM's weights
 
     history = []
     bar = progress_bar(steps, start, "lm", progress and accelerator.is_local_main_process)
@@ -535,14 +546,20 @@ def train_lm(
         index = drawn_indices(len(records), batch_size, seed, step, chances)
         draws = torch.rand(2, batch_size, generator=step_generator(seed, step))  # the first row as before
         dropped, without_clues = draws[0] < caption_dropout, draws[1] < clue_dropout
-        mine = slice(rank, None, world)
         batch = torch.where(without_clues[:, None], clueless[index], sequences[index])
         batch[dropped, : unconditional.shape[1]] = unconditional
-        with accelerator.autocast():
-            loss = lm(
-                input_ids=batch[mine].to(accelerator.device), labels=labels[index][mine].to(accelerator.device)
-            ).loss
-        accelerator.backward(loss)
+        mine = torch.arange(rank, batch_size, world)  # this process's share, in micro-batches
+        for micro, rows in enumerate(mine.chunk(gradient_accumulation_steps)):
+            sync = micro == gradient_accumulation_steps - 1
+            with accelerator.autocast(), nullcontext() if sync else accelerator.no_sync(lm):
+                loss = (
+                    lm(
+                        input_ids=batch[rows].to(accelerator.device),
+                        labels=labels[index][rows].to(accelerator.device),
+                    ).loss
+                    / gradient_accumulation_steps
+                )
+                accelerator.backward(loss)
         # Copied from medsyn.training.ldm_compact.train_unet, block "step bookkeeping"
         optimizer_step(accelerator, trainable, optimizer, lr_scheduler, ema, max_grad_norm)
         # the mean over all processes' shares of the batch
