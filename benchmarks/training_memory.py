@@ -25,7 +25,6 @@ measured on a GPU (`gpu.csv`), so what the count leaves out is read as a ratio, 
 """
 
 import argparse
-import math
 import os
 from pathlib import Path
 
@@ -60,16 +59,20 @@ DOLLY_V2_3B = {
 }
 
 
-def saved_bytes(forward) -> int:
+def saved_bytes(forward, held_already=()) -> int:
     """Bytes of the tensors autograd saves for the backward pass while `forward()` runs, each storage
-    counted once (a view saves its base's storage; a tensor saved by two operations is held once)."""
+    counted once (a view saves its base's storage; a tensor saved by two operations is held once),
+    leaving out the storages of `held_already` (the models' own weights, counted as weights: a
+    bf16 weight used as it is, or a float32 one outside autocast, is saved without a copy)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
+    counted = {StorageWeakRef(t.untyped_storage()): 0 for t in held_already}
     held = {}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        held[StorageWeakRef(storage)] = storage.nbytes()
+        storage = StorageWeakRef(tensor.untyped_storage())
+        if storage not in counted:
+            held[storage] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -127,7 +130,6 @@ def autocast():
 
 def _frozen(models: list) -> list:
     return [model.eval().requires_grad_(False) for model in models]
-
 
 
 def _sdxl():
@@ -239,10 +241,12 @@ def _dolly(length: int, added_tokens: int):
     return [lm], loss
 
 
-def activation_bytes(mode, loss, b: int) -> int:
-    """Saved-tensor bytes of one forward pass of `loss` on a micro-batch of b."""
+def activation_bytes(mode, models: list, loss, b: int) -> int:
+    """Saved-tensor bytes of one forward pass of `loss` on a micro-batch of b, the models' own
+    parameters and buffers left out."""
+    own = [t for model in models for t in [*model.parameters(), *model.buffers()]]
     with mode:
-        return saved_bytes(lambda: loss(b))
+        return saved_bytes(lambda: loss(b), own)
 
 
 def largest_micro_batch(fits, most: int = 4096) -> int:
@@ -265,7 +269,7 @@ def measure(loop: dict, gib: float) -> dict:
     mode, models, trainable, loss = fake(loop["build"])
     weights, state = resident_bytes(*models), training_state_bytes(trainable, loop["ema"])
     micro = loop["batch"] // loop["accumulation"]
-    activations = activation_bytes(mode, loss, micro)
+    activations = activation_bytes(mode, models, loss, micro)
     return {
         "loop": loop["name"],
         "model": loop["model"],
@@ -280,7 +284,7 @@ def measure(loop: dict, gib: float) -> dict:
         "activations_gib": activations / GIB,
         "need_gib": (weights + state + activations) / GIB,
         "largest_micro_batch": largest_micro_batch(
-            lambda b: weights + state + activation_bytes(mode, loss, b) <= gib * GIB
+            lambda b: weights + state + activation_bytes(mode, models, loss, b) <= gib * GIB
         ),
     }
 
@@ -365,7 +369,9 @@ def calibration(gib: float) -> dict | None:
         return None
     found = measured.iloc[0]
     loop = {"name": "calibration", "model": "SDXL base 1.0 U-Net, full (gpu.csv's step)", "build": _sdxl}
-    counted = measure({**loop, "batch": int(found["batch"]), "accumulation": 1, "checkpointing": False, "ema": False}, gib)
+    counted = measure(
+        {**loop, "batch": int(found["batch"]), "accumulation": 1, "checkpointing": False, "ema": False}, gib
+    )
     return {**counted, "measured_gib": float(found["peak_memory_gib"])}
 
 
@@ -385,7 +391,9 @@ def main() -> None:
         if rows[-1] is None:
             rows.pop()
             continue
-        print(f"{rows[-1]['loop']}: {rows[-1]['need_gib']:.1f} GiB at micro-batch {rows[-1]['micro_batch']}", flush=True)
+        print(
+            f"{rows[-1]['loop']}: {rows[-1]['need_gib']:.1f} GiB at micro-batch {rows[-1]['micro_batch']}", flush=True
+        )
     table = pd.DataFrame(rows).set_index("loop")
     table["fits"] = table["need_gib"] <= args.gib
     if "measured_gib" in table:

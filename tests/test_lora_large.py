@@ -230,3 +230,22 @@ def test_under_bf16_the_frozen_weights_are_bf16_and_the_adapters_float32(tiny, t
     assert {p.dtype for m in modules for p in m.parameters()} == {torch.float32}
     images = generate(saved_pipeline, ["A red disc."], per_prompt=1, seed=0, steps=3)
     assert images[0]["image"].shape == (16, 16, 3)
+
+
+def test_kandinsky_gradient_checkpointing_recomputes_the_decoder_and_trains_the_same(tiny, tmp_path, monkeypatch):
+    """02's `large_lora_gradient_checkpointing` reaches Kandinsky's decoder U-Net: its blocks run
+    through torch's checkpoint, and the losses are those of the run that keeps its activations."""
+    import torch.utils.checkpoint
+
+    calls, real_checkpoint = [], torch.utils.checkpoint.checkpoint
+
+    def counted_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted_checkpoint)
+    kept = _kandinsky(tiny, tmp_path / "kept", steps=2, checkpoint_every=0)
+    assert not calls
+    recomputed = _kandinsky(tiny, tmp_path / "recomputed", steps=2, checkpoint_every=0, gradient_checkpointing=True)
+    assert calls
+    np.testing.assert_allclose(recomputed["loss_history"], kept["loss_history"], rtol=1e-5)

@@ -146,7 +146,7 @@ def test_two_launched_processes_train_the_lm_one_process_trains(tiny, tmp_path, 
     b = load_file(tmp_path / "two" / "pipeline" / "lm" / "model.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert 0 < worst < 1e-4, worst  # two processes did run (not bitwise one), and agree
-    with pytest.raises(RuntimeError, match="batch_size 7 must split evenly over 2 processes"):
+    with pytest.raises(RuntimeError, match="batch_size 7 must split evenly over 1 accumulation steps and 2 processes"):
         in_processes(train_lm, 2, tiny["data"], vq_dir, tmp_path / "odd", **{**lm, "batch_size": 7})
     with pytest.raises(ValueError, match="at least 1"):
         in_processes(train_lm, 0, tiny["data"], vq_dir, tmp_path / "none")
@@ -514,3 +514,61 @@ def test_sample_families_keeps_an_autoregressive_family_and_times_its_batches(ti
         sample_families(
             {"vq-ar": result["pipeline_dir"]}, tiny["data"], tmp_path / "gen", **{**options, "guidance_scale": 3.0}
         )
+
+
+def test_lm_steps_accumulated_or_checkpointed_take_the_whole_batchs_gradient(tiny, tmp_path, monkeypatch):
+    """04's `lm_gradient_accumulation_steps` and `lm_gradient_checkpointing` (what lets `paper`'s
+    Dolly-v2-3b train on one GPU: benchmarks/training_memory.py): a step of 8 sequences in 2
+    micro-batches of 4, and a step whose layers are recomputed in the backward pass, have the gradient
+    of the step of 8 at once. With LR 0 the three runs see the same weights. Dropping the division by
+    the micro-batches doubles the gradient; micro-batches of other sequences change it; a flag that
+    is not passed on leaves no layer checkpointed."""
+    import transformers.modeling_utils
+    import transformers.models.gpt2.modeling_gpt2 as gpt2
+
+    import medsyn.training.vq_ar as vq_ar
+
+    recorded, calls, checkpointed_calls = [], [], []
+    real_step = vq_ar.optimizer_step
+    real_checkpoint = transformers.modeling_utils.checkpoint
+
+    def recording_step(accelerator, parameters, *args):
+        recorded.append([p.grad.detach().clone() for p in parameters])  # before clipping and stepping
+        real_step(accelerator, parameters, *args)
+
+    def counted_call(module, args):
+        if isinstance(module, gpt2.GPT2Block):
+            calls.append(module)
+
+    monkeypatch.setattr(vq_ar, "optimizer_step", recording_step)
+
+    def counted_checkpoint(*args, **kwargs):
+        checkpointed_calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted_checkpoint)
+    no_dropout = {**TINY_LM, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    lm = {**LM, "config": no_dropout, "lr": 0.0, "steps": 1, "checkpoint_every": 0}
+    runs = {
+        "whole": {},
+        "accumulated": {"gradient_accumulation_steps": 2},
+        "checkpointed": {"gradient_checkpointing": True},
+    }
+    layer_calls = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(counted_call)
+    try:
+        for name, options in runs.items():
+            calls.clear(), checkpointed_calls.clear()
+            train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / name, **lm, **options)
+            layer_calls.append((len(calls), len(checkpointed_calls)))
+    finally:
+        hook.remove()
+    whole, accumulated, checkpointed = recorded
+    assert any(g.abs().sum() > 0 for g in whole)
+    for a, b, c in zip(whole, accumulated, checkpointed):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-7)
+    layers = TINY_LM["n_layer"]  # one pass; two micro-batches' passes; one pass, every layer checkpointed
+    assert layer_calls == [(layers, 0), (2 * layers, 0), (layers, layers)]
+    with pytest.raises(ValueError, match="batch_size 8 must split evenly over 3 accumulation steps"):
+        train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "odd", **{**lm, "gradient_accumulation_steps": 3})

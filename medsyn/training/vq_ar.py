@@ -531,7 +531,8 @@ def train_lm(
 
     lm.train()
     if gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
+        # transformers 5 names it activation checkpointing; earlier releases only gradient checkpointing
+        (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
     optimizer = adamw(list(lm.parameters()), lr=lr, weight_decay=1e-2)
     lr_scheduler = make_lr_schedule(optimizer, lr_schedule, lr_warmup_steps, steps)
     lm, optimizer, lr_scheduler = accelerator.prepare(lm, optimizer, lr_scheduler)

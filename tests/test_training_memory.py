@@ -1,0 +1,81 @@
+"""benchmarks/training_memory.py: the saved-tensor count against hand counts and against real
+tensors, and the `paper` profile's micro-batches against the committed count."""
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmarks import training_memory
+from benchmarks.common import RESULTS_DIR
+
+
+def test_saved_bytes_are_the_activations_autograd_keeps_counted_by_hand():
+    """Linear → ReLU → Linear on n rows: the first layer keeps its input (n × a), ReLU keeps its output
+    (n × b), which the second layer keeps too (one storage, counted once), with its weight for the
+    gradient of that input; the first layer's weight is not kept (x needs no gradient). The models'
+    own weights are left out when named. Counting a shared storage twice fails this."""
+    n, a, b, c = 5, 7, 11, 3
+    model = torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Linear(b, c))
+    x = torch.randn(n, a)
+    own = list(model.parameters())
+    assert training_memory.saved_bytes(lambda: model(x), own) == (n * a + n * b) * 4
+    assert training_memory.saved_bytes(lambda: model(x)) == (n * a + n * b + b * c) * 4
+
+
+def test_fake_tensors_count_what_real_tensors_save_under_autocast():
+    """The count runs on fake tensors (nothing computed); on a small SDXL-shaped U-Net under bf16
+    autocast it agrees with the same forward pass on real tensors to 0.5 %: only the norms' mean and
+    variance differ in dtype (float32 on real CPU tensors, bf16 on fake ones), a few kB. Losing
+    autocast doubles the count; counting the bf16 weight copies per image changes it by far more."""
+    from diffusers import UNet2DConditionModel
+
+    config = {
+        "sample_size": 16,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    }
+
+    def build():
+        unet = UNet2DConditionModel(**config).train()
+
+        def loss(b):
+            with training_memory.autocast():
+                out = unet(torch.randn(b, 4, 16, 16), torch.randint(0, 1000, (b,)), torch.randn(b, 7, 32)).sample
+            return out.float().square().mean()
+
+        return [unet], loss
+
+    models, real_loss = build()
+    for b in (1, 3):
+        real = training_memory.saved_bytes(lambda: real_loss(b), list(models[0].parameters()))
+        mode, fake_models, trainable, fake_loss = training_memory.fake(build)
+        counted = training_memory.activation_bytes(mode, fake_models, fake_loss, b)
+        assert counted == pytest.approx(real, rel=5e-3), (b, counted, real)
+    assert len(trainable) == len(list(models[0].parameters())) and all(p.requires_grad for p in trainable)
+    assert training_memory.resident_bytes(*fake_models) == training_memory.resident_bytes(*models)
+
+
+def test_largest_micro_batch_is_the_last_that_fits():
+    assert training_memory.largest_micro_batch(lambda b: b <= 37) == 37
+    assert training_memory.largest_micro_batch(lambda b: b <= 1) == 1
+    assert training_memory.largest_micro_batch(lambda b: False) == 0
+    assert training_memory.largest_micro_batch(lambda b: True, most=100) == 100
+
+
+def test_the_paper_profiles_micro_batches_are_those_counted_and_fit():
+    """`benchmarks/results/training_memory.csv` was counted for `paper.yaml` as it is: the same batch,
+    accumulation and checkpointing for every large loop, each within the device. A profile changed
+    without counting again fails here (run `python -m benchmarks.training_memory --readme`)."""
+    counted = pd.read_csv(RESULTS_DIR / "training_memory.csv", index_col="loop")
+    for loop in training_memory.paper_loops(training_memory._profile("paper")):
+        row = counted.loc[loop["name"]]
+        assert (row["batch"], row["accumulation"], bool(row["checkpointing"])) == (
+            loop["batch"],
+            loop["accumulation"],
+            loop["checkpointing"],
+        ), loop["name"]
+        assert row["micro_batch"] <= row["largest_micro_batch"] and row["fits"], loop["name"]
