@@ -51,7 +51,7 @@ def test_fake_tensors_count_what_real_tensors_save_under_autocast():
 
     models, real_loss = build()
     for b in (1, 3):
-        real = training_memory.saved_bytes(lambda: real_loss(b), list(models[0].parameters()))
+        real = training_memory.saved_bytes(lambda b=b: real_loss(b), list(models[0].parameters()))
         mode, fake_models, trainable, fake_loss = training_memory.fake(build)
         counted = training_memory.activation_bytes(mode, fake_models, fake_loss, b)
         assert counted == pytest.approx(real, rel=5e-3), (b, counted, real)
