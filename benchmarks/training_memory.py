@@ -241,6 +241,64 @@ def _dolly(length: int, added_tokens: int):
     return [lm], loss
 
 
+def _compact_unet(side: int, channels: int, context: int, tokens: int):
+    """`ldm_compact.train_unet` (MSDM's compact model from scratch): `UNET_CONFIG` on `side`² latents,
+    conditioned on `tokens` text states of width `context`, with EMA."""
+    from diffusers import UNet2DConditionModel
+
+    from medsyn.training.ldm_compact import UNET_CONFIG
+
+    unet = UNet2DConditionModel(
+        sample_size=side, in_channels=channels, out_channels=channels, cross_attention_dim=context, **UNET_CONFIG
+    ).train()
+
+    def loss(b: int):
+        with autocast():
+            prediction = unet(
+                torch.randn(b, channels, side, side),
+                torch.randint(0, 1000, (b,)),
+                encoder_hidden_states=torch.randn(b, tokens, context),
+            ).sample
+        return ((prediction.float() - torch.randn(b, channels, side, side)) ** 2).mean()
+
+    return [unet], loss
+
+
+def _autoencoder(kind: str, side: int, config: dict | None, codes: int, ssim_weight: float):
+    """The autoencoders' loops at `side`² px, as they run in their last quarter (the discriminator on):
+    `ldm_compact.train_vae` (kind 'vae', `make_vae`) or `vq_ar.train_vq` (kind 'vq', `make_vq`):
+    reconstruction, 1 − SSIM and the generator's PatchGAN term under autocast; the discriminator
+    trains on its own optimizer."""
+    from medsyn.training.common import structural_dissimilarity
+    from medsyn.training.ldm_compact import PatchDiscriminator, _Autoencode, make_vae
+    from medsyn.training.vq_ar import _Tokenise, make_vq
+
+    discriminator = PatchDiscriminator()
+    if kind == "vae":
+        vae = make_vae(side, config)
+        model, down = _Autoencode(vae).train(), 2 ** (len(vae.config.block_out_channels) - 1)
+    else:
+        vq = make_vq(side, codes, config)
+        vq.quantize.embedding.weight.requires_grad_(False)  # the codes move by EMA only
+        model = _Tokenise(vq).train()
+
+    def loss(b: int):
+        x = torch.rand(b, 3, side, side) * 2 - 1
+        with autocast():
+            if kind == "vae":
+                eps = torch.randn(b, vae.config.latent_channels, side // down, side // down)
+                reconstruction, kl = model(x, eps)
+                extra = 1e-6 * kl
+            else:
+                reconstruction, latents, quantized, _ = model(x)
+                extra = 0.25 * ((latents.float() - quantized.float()) ** 2).mean()
+            l1 = (reconstruction - x).abs().mean()
+            generator = -discriminator(reconstruction).mean()
+            return l1 + extra + ssim_weight * structural_dissimilarity(reconstruction, x) + 0.1 * generator
+
+    return [model, discriminator], loss
+
+
 def activation_bytes(mode, models: list, loss, b: int) -> int:
     """Saved-tensor bytes of one forward pass of `loss` on a micro-batch of b, the models' own
     parameters and buffers left out."""
@@ -308,11 +366,37 @@ def notebook_settings(profile: dict, notebook: str) -> dict:
 
 
 def paper_loops(profile: dict) -> list[dict]:
-    """The large loops of `profile` (`paper`) with its settings: batch, accumulation, checkpointing, EMA."""
+    """The training loops of `profile` (`paper`) with its settings: batch, accumulation,
+    checkpointing, EMA."""
+    from medsyn.training.ldm_compact import VAE_CONFIG
+
     ldm, dit, vq = (notebook_settings(profile, n) for n in ("02_train_ldm", "03_train_dit_hldf", "04_train_vq_ar"))
+    side = profile["common"]["size"]
     grid = 16 * 16  # LLM-CXR's codes per image (paper: a x32 tokenizer on 512 px images)
     length = vq["prompt_tokens"] + 1 + vq["clue_tokens"] + 1 + grid + 1
+    vae = {**VAE_CONFIG, **(ldm["vae_config"] or {})}
+    latent_side = side // 2 ** (len(vae["block_out_channels"]) - 1)
+    if ldm["text_encoder"] != "minilm":
+        raise ValueError("the count knows MiniLM's width (384, 32 tokens) only as ldm-compact's text encoder")
     return [
+        {
+            "name": "ldm-compact vae",
+            "model": f"AutoencoderKL {vae['block_out_channels']}, {side}², discriminator on",
+            "build": lambda: _autoencoder("vae", side, ldm["vae_config"], 0, ldm["vae_ssim_weight"]),
+            "batch": ldm["vae_batch_size"],
+            "accumulation": 1,
+            "checkpointing": False,
+            "ema": False,
+        },
+        {
+            "name": "ldm-compact",
+            "model": f"compact U-Net on {latent_side}² latents",
+            "build": lambda: _compact_unet(latent_side, vae["latent_channels"], 384, 32),
+            "batch": ldm["unet_batch_size"],
+            "accumulation": ldm["gradient_accumulation_steps"],
+            "checkpointing": False,
+            "ema": bool(ldm["ema_decay"]),
+        },
         {
             "name": "ldm-finetune",
             "model": "SDXL base 1.0 U-Net, full",
@@ -338,6 +422,15 @@ def paper_loops(profile: dict) -> list[dict]:
             "batch": ldm["large_lora_batch_size"],
             "accumulation": ldm["large_lora_gradient_accumulation_steps"],
             "checkpointing": ldm["large_lora_gradient_checkpointing"],
+            "ema": False,
+        },
+        {
+            "name": "vq-ar tokenizer",
+            "model": f"VQModel {(vq['vq_config'] or {}).get('block_out_channels')}, {side}², discriminator on",
+            "build": lambda: _autoencoder("vq", side, vq["vq_config"], vq["codes"], 0.2),
+            "batch": vq["vq_batch_size"],
+            "accumulation": 1,
+            "checkpointing": False,
             "ema": False,
         },
         {
