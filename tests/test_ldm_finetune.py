@@ -135,3 +135,37 @@ def test_channels_last_trains_the_same_weights_and_a_loaded_pipeline_can_be_trai
     assert pipeline.unet.conv_in.weight.is_contiguous()  # handed back in the usual layout
     with pytest.raises(ValueError, match="memory_format"):
         _finetune(tiny, tmp_path / "bad", steps=1, memory_format="nhwc")
+
+
+def test_text_towers_wait_in_host_memory_between_validation_grids(tiny, tmp_path, monkeypatch):
+    """Once the prompt embeddings are cached, SDXL's two text towers are parked in host memory
+    (`park`) and come to the accelerator only for each validation grid, then go back: the memory a
+    GPU run gains is counted in benchmarks/training_memory.py. Here the CPU is both, so the test
+    follows the moves the loop asks for, in order with its optimizer steps; a loop that parks nothing
+    or samples its grid with the towers left in host memory fails it."""
+    from transformers import PreTrainedModel
+
+    import medsyn.training.ldm_finetune as ldm_finetune
+
+    events, real_to, real_step = [], PreTrainedModel.to, ldm_finetune.optimizer_step
+
+    def logged_to(self, *args, **kwargs):
+        events.append((type(self).__name__, str(args[0] if args else kwargs.get("device"))))
+        return real_to(self, *args, **kwargs)
+
+    def logged_step(*args, **kwargs):
+        events.append("step")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "to", logged_to)
+    monkeypatch.setattr(ldm_finetune, "optimizer_step", logged_step)
+    _finetune(tiny, tmp_path / "xl", steps=4, pretrained="xl", checkpoint_every=0, validation_every=2)
+    towers = ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    parked, out = [(t, "cpu") for t in towers], [(t, "cpu") for t in towers]
+    steps = [i for i, e in enumerate(events) if e == "step"]
+    assert len(steps) == 4
+    assert events[steps[0] - 2 : steps[0]] == parked  # parked before the first step
+    grid = [(t, "cpu") for t in towers] + out  # to the accelerator (the CPU here), then back
+    assert events[steps[1] + 1 : steps[2]] == grid  # the grid after step 2
+    assert events[steps[3] + 1 :][:4] == grid  # and after the last
+    assert all(e == "step" for e in events[steps[0] : steps[1] + 1])  # nothing moves while training

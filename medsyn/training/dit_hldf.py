@@ -58,6 +58,7 @@ from medsyn.training.common import (
     micro_batch_size,
     min_snr_weights,
     optimizer_step,
+    park,
     progress_bar,
     prompt_rows,
     resume_step,
@@ -316,6 +317,7 @@ def train_dit(
             cache_prompt_embeddings(
                 lambda batch: encode_with_pipeline(pipeline, batch, max_sequence_length), [""] + prompts, cache
             )
+    parked = park(pipeline.text_encoder)
     latent_mean, latent_std = (
         np.load(cache / "latent_mean.npy", mmap_mode="r"),
         np.load(cache / "latent_std.npy", mmap_mode="r"),
@@ -431,6 +433,8 @@ def train_dit(
                     sampling_steps,
                     seed,
                     out_dir / "validation" / f"step_{done:07d}.png",
+                    parked,
+                    accelerator.device,
                 )
                 transformer.train()
     bar.close()

@@ -33,6 +33,7 @@ from medsyn.training.common import (
     micro_batch_size,
     min_snr_weights,
     optimizer_step,
+    park,
     progress_bar,
     prompt_rows,
     resume_step,
@@ -178,6 +179,9 @@ def finetune_unet(
         if accelerator.is_main_process:
             cache_latent_moments(pipeline.vae, dataset_dir, records, cache)
             cache_prompt_embeddings(lambda batch: encode_with_pipeline(pipeline, batch), [""] + prompts, cache)
+    parked = park(
+        *(getattr(pipeline, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipeline, n, None) is not None)
+    )
     latent_mean, latent_std = (
         np.load(cache / "latent_mean.npy", mmap_mode="r"),
         np.load(cache / "latent_std.npy", mmap_mode="r"),
@@ -277,6 +281,8 @@ def finetune_unet(
                     sampling_steps,
                     seed,
                     out_dir / "validation" / f"step_{done:07d}.png",
+                    parked,
+                    accelerator.device,
                 )
                 unet.train()
     bar.close()

@@ -43,6 +43,7 @@ from medsyn.training.common import (
     micro_batch_size,
     min_snr_weights,
     optimizer_step,
+    park,
     progress_bar,
     prompt_rows,
     resume_step,
@@ -210,6 +211,7 @@ def finetune_flux(
             cache_prompt_embeddings(
                 lambda batch: encode_flux(pipeline, batch, max_sequence_length), [""] + prompts, cache
             )
+    parked = park(pipeline.text_encoder, pipeline.text_encoder_2)  # T5-XXL: 8.9 GiB in bf16
     latent_mean, latent_std = (
         np.load(cache / "latent_mean.npy", mmap_mode="r"),
         np.load(cache / "latent_std.npy", mmap_mode="r"),
@@ -303,6 +305,8 @@ def finetune_flux(
                     sampling_steps,
                     seed,
                     out_dir / "validation" / f"step_{done:07d}.png",
+                    parked,
+                    accelerator.device,
                 )
                 transformer.train()
     bar.close()
@@ -437,6 +441,7 @@ def finetune_kandinsky(
             cache_latent_moments(pipeline.movq, dataset_dir, records, cache)
             cache_image_embeddings(pipeline, dataset_dir, records, cache)
             cache_prompt_embeddings(lambda batch: encode_kandinsky_prompts(pipeline, batch), [""] + prompts, cache)
+    parked = park(pipeline.prior_text_encoder, pipeline.prior_image_encoder)
     latents_all = np.load(cache / "latent_mean.npy", mmap_mode="r")  # MoVQ encodes deterministically
     image_embeds, zero_embed = np.load(cache / "image_embeds.npy", mmap_mode="r"), np.load(cache / "zero_embed.npy")
     text_embeds, text_hidden, text_mask = (
@@ -546,6 +551,8 @@ def finetune_kandinsky(
                     sampling_steps,
                     seed,
                     out_dir / "validation" / f"step_{done:07d}.png",
+                    parked,
+                    accelerator.device,
                 )
                 for model in models:
                     model.train()
