@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the performance work in one call of under 10 minutes on one H100 / H200
-# (a lent GPU comes with minutes, not hours): all benchmarks (`benchmarks.run --scale gpu`, each cut
-# short in time so that the next still runs), then the `paper` profile's rehearsal on the GPU
-# (`benchmarks.paper_rehearsal --scale gpu`). Results and logs go to $OUT (or ./gpu-session).
+# (a lent GPU comes with minutes, not hours): the memory of every `paper` training loop at its
+# micro-batch (`benchmarks.training_memory --measure`: what the count of the README predicts), all
+# benchmarks (`benchmarks.run --scale gpu`, each cut short in time so that the next still runs), then
+# the `paper` profile's rehearsal on the GPU (`benchmarks.paper_rehearsal --scale gpu`). Results and
+# logs go to $OUT (or ./gpu-session).
 #
 # The GPU machine's image holds torch, transformers, accelerate and the scientific stack but not the
 # rest of medsyn's dependencies, and reaches no registry. So, here, with the registries in reach:
@@ -53,10 +55,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m ipykernel install --user --name python3 >/dev/null  # the kernel papermill runs notebooks in
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-# under 7 minutes for the benchmarks (compiled variants and FLUX are skipped when their time is not
-# left), under 3 for the rehearsal, the rest for installing; each writes what it measured when stopped
-timeout 400 python3 -m benchmarks.run --scale gpu --budget 380 --out "$OUT/gpu.csv" 2>&1 | tee "$OUT/benchmarks.log"
-timeout 170 python3 -m benchmarks.paper_rehearsal --scale gpu --work /tmp/rehearsal \
+# under 2 minutes for the loops' memory (a multi-day run that does not fit fails at its first step),
+# under 5.5 for the benchmarks (compiled variants and FLUX's LoRA step are skipped when their time is
+# not left), 2.5 for the rehearsal, the rest for installing; each writes what it measured when stopped
+timeout 110 python3 -m benchmarks.training_memory --measure --out "$OUT/training_memory_gpu.csv" 2>&1 \
+    | tee "$OUT/training_memory.log"
+timeout 320 python3 -m benchmarks.run --scale gpu --budget 300 --out "$OUT/gpu.csv" 2>&1 | tee "$OUT/benchmarks.log"
+timeout 150 python3 -m benchmarks.paper_rehearsal --scale gpu --work /tmp/rehearsal \
     --out "$OUT/paper_rehearsal_gpu.csv" 2>&1 | tee "$OUT/paper_rehearsal.log"
-echo "results in $OUT: copy gpu.csv and paper_rehearsal_gpu.csv (with their .provenance.json) into" \
-    "benchmarks/results/ and run: .venv/bin/python -m medsyn.cli tables"
+echo "results in $OUT: copy gpu.csv, paper_rehearsal_gpu.csv and training_memory_gpu.csv (with their" \
+    ".provenance.json) into benchmarks/results/ and run: .venv/bin/python -m medsyn.cli tables;" \
+    ".venv/bin/python -m benchmarks.training_memory --readme (joins the measured memory to the count)"

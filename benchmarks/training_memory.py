@@ -40,7 +40,7 @@ from benchmarks.architectures import (
     SDXL_UNET,
     VAE,
 )
-from benchmarks.common import README, RESULTS_DIR
+from benchmarks.common import README, RESULTS_DIR, peak_memory_gib, reset_peak_memory
 
 GIB = 2**30
 # databricks/dolly-v2-3b (Pythia-2.8B, GPT-NeoX): LLM-CXR's language model, fully fine-tuned
@@ -117,7 +117,9 @@ def fake(build):
 
 
 def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast on the device tensors are made on: the CPU for the count (fake tensors), the GPU
+    when `--measure` builds the models there."""
+    return torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------ the loops, as they hold their models
@@ -463,16 +465,92 @@ def calibration(gib: float) -> dict | None:
     return {**counted, "measured_gib": float(found["peak_memory_gib"])}
 
 
+def measured_peak(loop: dict, device: torch.device) -> float:
+    """GiB the loop's models, training state and loss hold at its micro-batch on `device` (CUDA), with
+    random weights built there: the peak of a second step (the first allocates AdamW's moments);
+    `inf` when it runs out of memory."""
+    import gc
+
+    with torch.device(device):
+        models, loss = loop["build"]()
+    trainable = list({id(p): p for m in models for p in m.parameters() if p.requires_grad}.values())
+    optimizer = torch.optim.AdamW(trainable, fused=True)
+    ema = [p.detach().clone() for p in trainable] if loop["ema"] else []
+    micro = loop["batch"] // loop["accumulation"]
+    try:
+        for step in range(2):
+            if step:
+                reset_peak_memory(device)
+            with torch.device(device):
+                loss(micro).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return peak_memory_gib(device)  # NaN on the CPU, where no allocator counts
+    except torch.OutOfMemoryError:
+        return float("inf")
+    finally:
+        del models, loss, trainable, optimizer, ema
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_on_gpu(out: Path) -> pd.DataFrame:
+    """Every loop of `paper.yaml` run for two steps at its micro-batch on the GPU: what the count
+    predicts, measured (`inf`: out of memory). Written to `out` with its provenance after each loop."""
+    from medsyn.records import save_table
+
+    device, rows = torch.device("cuda"), []
+    for loop in paper_loops(_profile("paper")):
+        rows.append(
+            {"loop": loop["name"], "micro_batch": loop["batch"] // loop["accumulation"]}
+            | {"measured_gib": measured_peak(loop, device)}
+        )
+        print(
+            f"{loop['name']}: {rows[-1]['measured_gib']:.1f} GiB at micro-batch {rows[-1]['micro_batch']}", flush=True
+        )
+        table = pd.DataFrame(rows).set_index("loop")
+        save_table(  # after every loop: a run stopped by its time limit keeps what it measured
+            table,
+            out,
+            {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda},
+            [README.parent / "notebooks" / "profiles" / "paper.yaml"],
+        )
+    return table
+
+
+def with_measured(table: pd.DataFrame, measured_path: Path) -> pd.DataFrame:
+    """The count with each loop's measured peak from a GPU run (`--measure`), where it measured the
+    same micro-batch; the calibration row keeps gpu.csv's."""
+    if not measured_path.exists():
+        return table
+    measured = pd.read_csv(measured_path, index_col="loop")
+    same = measured.index.intersection(table.index)
+    same = same[measured.loc[same, "micro_batch"].to_numpy() == table.loc[same, "micro_batch"].to_numpy()]
+    if "measured_gib" not in table:
+        table["measured_gib"] = float("nan")
+    table.loc[same, "measured_gib"] = measured.loc[same, "measured_gib"]
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=78.0, help="device memory (default: an H100's usable 78 GiB)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "training_memory.csv")
+    parser.add_argument("--out", type=Path, default=None, help="results CSV (default: in benchmarks/results/)")
     parser.add_argument("--readme", action="store_true", help="rewrite the README's table from the results")
+    parser.add_argument("--measure", action="store_true", help="on a GPU: run each loop two steps and measure it")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # "should be kept in float32: []" of every bf16 cast
+    measured_path = RESULTS_DIR / "training_memory_gpu.csv"
+    if args.measure:
+        if not torch.cuda.is_available():
+            parser.error("--measure runs the loops on a CUDA device; without one, count (no --measure)")
+        measure_on_gpu(args.out or measured_path)
+        return
+    args.out = args.out or RESULTS_DIR / "training_memory.csv"
     rows = []
     for loop in [*paper_loops(_profile("paper")), None]:
         rows.append(measure(loop, args.gib) if loop else calibration(args.gib))
@@ -482,7 +560,7 @@ def main() -> None:
         print(
             f"{rows[-1]['loop']}: {rows[-1]['need_gib']:.1f} GiB at micro-batch {rows[-1]['micro_batch']}", flush=True
         )
-    table = pd.DataFrame(rows).set_index("loop")
+    table = with_measured(pd.DataFrame(rows).set_index("loop"), measured_path)
     table["fits"] = table["need_gib"] <= args.gib
     if "measured_gib" in table:
         table["measured_over_counted"] = table["measured_gib"] / table["need_gib"]
@@ -494,7 +572,11 @@ def main() -> None:
         table,
         args.out,
         {"device_gib": args.gib, "profile": "paper", "torch": torch.__version__, "counted_on": "fake tensors"},
-        [p for p in (README.parent / "notebooks" / "profiles" / "paper.yaml", RESULTS_DIR / "gpu.csv") if p.exists()],
+        [
+            p
+            for p in (README.parent / "notebooks" / "profiles" / "paper.yaml", RESULTS_DIR / "gpu.csv", measured_path)
+            if p.exists()
+        ],
     )
     if args.readme:
         from medsyn.readme import write_readme_tables

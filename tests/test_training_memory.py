@@ -79,3 +79,55 @@ def test_the_paper_profiles_micro_batches_are_those_counted_and_fit():
             loop["checkpointing"],
         ), loop["name"]
         assert row["micro_batch"] <= row["largest_micro_batch"] and row["fits"], loop["name"]
+
+
+def test_the_gpu_measurement_trains_each_loop_on_the_device_it_is_given(monkeypatch):
+    """`--measure` (on a GPU) builds a loop's models on the device and takes two optimizer steps at its
+    micro-batch under that device's autocast. On the CPU, where no allocator counts, the peak is NaN,
+    but the path is the GPU's: the compact U-Net's and the tokenizer's weights move, their forward
+    passes ran in bf16."""
+    dtypes = []
+    real_autocast = training_memory.autocast
+
+    def recorded_autocast():
+        context = real_autocast()
+        dtypes.append((context.device, context.fast_dtype))
+        return context
+
+    monkeypatch.setattr(training_memory, "autocast", recorded_autocast)
+    for build in (
+        lambda: training_memory._compact_unet(8, 4, 32, 4),
+        lambda: training_memory._autoencoder("vq", 32, {"block_out_channels": [16, 32], "norm_num_groups": 8}, 16, 0.2),
+    ):
+        built = []
+
+        def keep(build=build, built=built):
+            models, loss = build()
+            built.append([p.detach().clone() for p in models[0].parameters()])
+            built.append(list(models[0].parameters()))
+            return models, loss
+
+        loop = {"build": keep, "batch": 4, "accumulation": 2, "ema": True}
+        peak = training_memory.measured_peak(loop, torch.device("cpu"))
+        assert peak != peak  # NaN: no allocator to read on the CPU
+        before, after = built
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))  # two steps were taken
+    assert dtypes == [("cpu", torch.bfloat16)] * 4
+
+
+def test_measured_peaks_join_the_count_where_the_micro_batch_is_the_same(tmp_path):
+    count = pd.DataFrame(
+        {
+            "loop": ["a", "b", "calibration"],
+            "micro_batch": [4, 8, 8],
+            "measured_gib": [float("nan"), float("nan"), 54.0],
+        }
+    ).set_index("loop")
+    pd.DataFrame({"loop": ["a", "b"], "micro_batch": [4, 16], "measured_gib": [30.5, 70.0]}).to_csv(
+        tmp_path / "gpu.csv", index=False
+    )
+    joined = training_memory.with_measured(count, tmp_path / "gpu.csv")
+    assert joined.loc["a", "measured_gib"] == 30.5
+    assert joined["measured_gib"].isna().loc["b"]  # measured at another micro-batch: not this count's
+    assert joined.loc["calibration", "measured_gib"] == 54.0
+    assert training_memory.with_measured(count, tmp_path / "absent.csv") is count
