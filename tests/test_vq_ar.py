@@ -572,3 +572,20 @@ def test_lm_steps_accumulated_or_checkpointed_take_the_whole_batchs_gradient(tin
     assert layer_calls == [(layers, 0), (2 * layers, 0), (layers, layers)]
     with pytest.raises(ValueError, match="batch_size 8 must split evenly over 3 accumulation steps"):
         train_lm(tiny["data"], tiny["vq"]["vq_dir"], tmp_path / "odd", **{**lm, "gradient_accumulation_steps": 3})
+
+
+def test_an_lm_checkpoint_from_before_accumulation_resumes_as_one_micro_batch(tiny, tmp_path):
+    """LM checkpoints written before `gradient_accumulation_steps` existed record no such key: they
+    resume as the one micro-batch they were trained with (`ADDED_RECIPE_KEYS`), and not with two."""
+    from medsyn.training.common import RecipeMismatchError
+
+    vq_dir, out = tiny["vq"]["vq_dir"], tmp_path / "lm"
+    train_lm(tiny["data"], vq_dir, out, steps=2, checkpoint_every=2, **LM)
+    (state_path,) = out.glob("checkpoints/*/trainer_state.json")
+    state = json.loads(state_path.read_text())
+    del state["recipe"]["gradient_accumulation_steps"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(RecipeMismatchError, match="gradient_accumulation_steps"):
+        train_lm(tiny["data"], vq_dir, out, steps=3, gradient_accumulation_steps=2, **LM)
+    resumed = train_lm(tiny["data"], vq_dir, out, steps=3, **LM)
+    assert len(resumed["loss_history"]) == 1  # step 3 only: steps 1 and 2 were resumed

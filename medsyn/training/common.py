@@ -468,7 +468,7 @@ class RecipeMismatchError(ValueError):
 
 # recipe keys that the loops gained after checkpoints had been written, with what a checkpoint that
 # lacks one was trained with: such a checkpoint resumes under that value and no other
-ADDED_RECIPE_KEYS = {"lr_schedule": "constant"}
+ADDED_RECIPE_KEYS = {"lr_schedule": "constant", "gradient_accumulation_steps": 1}  # the latter: vq-ar's LM
 
 
 def resume_step(accelerator, checkpoint_dir: str | Path, resume: bool | str, recipe: dict | None = None) -> int:
