@@ -1,27 +1,29 @@
-"""How much GPU memory each of the `paper` profile's large training loops needs at its published
-sizes, and the largest micro-batch that trains without gradient checkpointing, counted on fake
-tensors: no weight is allocated and nothing is computed, so it runs in seconds on the CPU.
+"""How much GPU memory each training loop of the `paper` profile needs at its published sizes, and
+the largest micro-batch that trains without gradient checkpointing, counted on fake tensors: no
+weight is allocated and nothing is computed, so it runs in about a minute on the CPU.
 
     python -m benchmarks.training_memory --readme          # writes benchmarks/results/training_memory.csv
-    python -m benchmarks.training_memory --gib 139         # another device's memory (an H200)
+    python -m benchmarks.training_memory --gib 139 --out /tmp/h200.csv   # another device's memory
+    python -m benchmarks.training_memory --measure         # on a GPU: the same loops, measured
 
-For each loop the models it holds on the device are built from their published configurations
-under `FakeTensorMode`, in the dtypes the loop gives them (`bf16` mixed precision, as `paper.yaml`
-trains: trainable weights float32, LoRA's frozen weights bf16), and one forward pass of its loss is
-run under CPU autocast. Four parts, in bytes:
+For each loop, the models it holds on the device are built from their published configurations
+on the meta device and turned into fake tensors, in the dtypes the loop gives them (`bf16` mixed
+precision, as `paper.yaml` trains: trainable weights float32, LoRA's frozen weights bf16), and one
+forward pass of its loss runs under CPU autocast. Three parts, in bytes:
 
-- `weights`: every parameter and buffer of the models the loop keeps on the device;
+- `weights`: every parameter and buffer of the models the loop keeps on the device while it trains
+  (text towers parked in host memory once their embeddings are cached are not among them);
 - `training_state`: per trainable parameter a float32 gradient, AdamW's two moments and, where the
   loop keeps one, an EMA copy;
-- `activations`: the tensors autograd saves for the backward pass (each storage once), measured at
-  micro-batches 1 and 2: the part that does not grow with the batch (autocast's bf16 copies of the
-  float32 weights) and the part per image or sequence.
+- `activations`: the tensors autograd saves for the backward pass at the loop's micro-batch (batch /
+  gradient_accumulation_steps), each storage once and the models' own weights left out: autocast's
+  bf16 copies of float32 weights, then what grows with the batch.
 
-`need_gib` = weights + training state + activations at the profile's micro-batch (batch /
-gradient_accumulation_steps); `largest_micro_batch` = the most images or sequences per micro-batch
-that fit in `--gib` without gradient checkpointing. The backward pass's transient gradients are not
-counted; the `calibration` row compares the count with the peak memory the SDXL training step
-measured on a GPU (`gpu.csv`), so what the count leaves out is read as a ratio, not assumed.
+`need_gib` is their sum and `largest_micro_batch` the most images or sequences per micro-batch whose
+sum fits in `--gib`. The sum holds every weight gradient beside every saved activation, where a
+backward pass frees activations as gradients appear, and it leaves out the activations' own
+gradients and the allocator's slack; the `calibration` row sets it against the peak the SDXL
+training step measured on a GPU (`gpu.csv`), and `--measure` measures every loop on one.
 """
 
 import argparse
