@@ -55,12 +55,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m ipykernel install --user --name python3 >/dev/null  # the kernel papermill runs notebooks in
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-# under 2 minutes for the loops' memory (a multi-day run that does not fit fails at its first step),
-# under 5.5 for the benchmarks (compiled variants and FLUX's LoRA step are skipped when their time is
-# not left), 2.5 for the rehearsal, the rest for installing; each writes what it measured when stopped
-timeout 110 python3 -m benchmarks.training_memory --measure --out "$OUT/training_memory_gpu.csv" 2>&1 \
+# 100 s for the loops' memory (a multi-day run that does not fit fails at its first step), about 5
+# minutes for the benchmarks (compiled variants and FLUX's LoRA step are skipped when their time is not
+# left), 2.5 for the rehearsal, under a minute for installing (the call's limit is 10); each writes what
+# it measured when stopped
+timeout 100 python3 -m benchmarks.training_memory --measure --out "$OUT/training_memory_gpu.csv" 2>&1 \
     | tee "$OUT/training_memory.log"
-timeout 320 python3 -m benchmarks.run --scale gpu --budget 300 --out "$OUT/gpu.csv" 2>&1 | tee "$OUT/benchmarks.log"
+timeout 305 python3 -m benchmarks.run --scale gpu --budget 290 --out "$OUT/gpu.csv" 2>&1 | tee "$OUT/benchmarks.log"
 timeout 150 python3 -m benchmarks.paper_rehearsal --scale gpu --work /tmp/rehearsal \
     --out "$OUT/paper_rehearsal_gpu.csv" 2>&1 | tee "$OUT/paper_rehearsal.log"
 echo "results in $OUT: copy gpu.csv, paper_rehearsal_gpu.csv and training_memory_gpu.csv (with their" \
