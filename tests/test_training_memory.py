@@ -25,8 +25,9 @@ def test_saved_bytes_are_the_activations_autograd_keeps_counted_by_hand():
 def test_fake_tensors_count_what_real_tensors_save_under_autocast():
     """The count runs on fake tensors (nothing computed); on a small SDXL-shaped U-Net under bf16
     autocast it agrees with the same forward pass on real tensors to 0.5 %: only the norms' mean and
-    variance differ in dtype (float32 on real CPU tensors, bf16 on fake ones), a few kB. Losing
-    autocast doubles the count; counting the bf16 weight copies per image changes it by far more."""
+    variance differ in dtype (float32 on real CPU tensors, bf16 on fake ones), a few kB. Fake tensors
+    that CPU autocast does not reach (left on the meta device, say) save float32 activations and no
+    fused attention: 3.7 times the count. The fake models hold the real ones' parameters, trainable as they are."""
     from diffusers import UNet2DConditionModel
 
     config = {
