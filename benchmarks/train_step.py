@@ -154,6 +154,10 @@ def denoiser_steps(
     return times[warmup:]
 
 
+# what a timed run of one of medsyn's loops leaves out: checkpoints, validation grids, resuming, the bar
+TIMED_RUN = {"checkpoint_every": 0, "validation_every": 0, "resume": False, "progress": False}
+
+
 def medsyn_steps(pipeline, dataset: Path, out: Path, batch: int, warmup: int, steps: int, **options) -> dict:
     """`finetune_unet` itself on the same pipeline object, for `warmup` + `steps` steps; its result."""
     from medsyn.training.ldm_finetune import finetune_unet
@@ -164,10 +168,7 @@ def medsyn_steps(pipeline, dataset: Path, out: Path, batch: int, warmup: int, st
         out,
         steps=warmup + steps,
         batch_size=batch,
-        checkpoint_every=0,
-        validation_every=0,
-        resume=False,
-        progress=False,
+        **TIMED_RUN,
         save_pipeline=False,
         **options,
     )
@@ -346,10 +347,7 @@ def measure_pixart(args, rows: list | None = None) -> list[dict]:
             steps=settings["warmup"] + settings["steps"],
             batch_size=batch,
             ema_decay=None,
-            checkpoint_every=0,
-            validation_every=0,
-            resume=False,
-            progress=False,
+            **TIMED_RUN,
             **options,
         )
         rows.append(loop_row(loop, model, variant, batch, settings["warmup"], flops, peak, device))
@@ -487,10 +485,7 @@ def measure_flux(args, rows: list | None = None) -> list[dict]:
             steps=settings["warmup"] + settings["steps"],
             batch_size=batch,
             lora_rank=FLUX_RANK,
-            checkpoint_every=0,
-            validation_every=0,
-            resume=False,
-            progress=False,
+            **TIMED_RUN,
             **options,
         )
         rows.append(loop_row(loop, model, variant, batch, settings["warmup"], flops, peak, device))
